@@ -1,0 +1,1 @@
+"""Instruction fine-tuning of LLaMA models: recipes, data, training, merge/export and evaluation."""

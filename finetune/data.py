@@ -1,0 +1,564 @@
+"""Instruction data: read, normalize, template, tokenize, mask, mix, split, pack and cache.
+
+`build_datasets` runs, for each dataset of the recipe:
+  read        local .jsonl/.json (our reader: errors name the file and line), .csv/.parquet (datasets' loaders), a
+              folder of such files, or a Hugging Face Hub id. Paths are relative to the current directory.
+  select      the split expression (`train[:95%]`; local files have one split, "train"), then `max_samples`
+              (a seeded random sample, in file order)
+  normalize   `columns` renames fields; every row becomes messages (`alpaca`, `conversations` in ShareGPT or
+              OpenAI style, or `text`); bad rows raise a DataError naming the row, or are counted and skipped
+  tokenize    the template renders segments; prompt tokens get label -100 unless `train_on_inputs`, assistant
+              responses and their EOS are trained, BOS never is. `text` rows are BOS + text + EOS, all trained.
+  overlong    longer than max_seq_len: `drop`, or `truncate_prompt` (cut tokens after BOS from the left so the final
+              response fits whole; dropped if even that response does not fit)
+  dedup       exact duplicates (same normalized messages) across all datasets: the first occurrence stays; training
+              examples equal to an explicit validation example are removed too
+  hold out    `val_fraction` of each dataset (seeded), before mixing, so oversampling never leaks into validation
+  mix         weight w = a sampling multiplier on the dataset's size: int(w) copies of every example plus a seeded
+              sample without replacement of round(frac(w) * n) more. weight 0.5 uses half the rows, 3 uses each
+              three times. The mixture is shuffled with the seed.
+  pack        trl's `pack_dataset` (best-fit decreasing) into rows of max_seq_len; examples are never split.
+              position_ids restart at 0 for each example (block-diagonal attention in the model).
+The result is cached under `cache_dir/<key>`, the key hashing every input that changes it (see `_cache_key`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+import datasets
+from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
+from trl import pack_dataset
+
+from llama_core.model import IGNORE_INDEX
+
+from .errors import DataError
+from .recipe import DataSection, DatasetSection
+from .templates import Template, encode_segments, Segment
+
+CACHE_VERSION = 1
+DATA_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+         "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+KEPT, TRUNCATED, DROPPED, BAD = 0, 1, 2, 3
+N_VALIDATION_EXAMPLES = 128
+_TOKENIZED = Features({
+    "messages": [{"role": Value("string"), "content": Value("string"), "input": Value("string")}],
+    "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "_key": Value("string"),
+    "_error": Value("string"), "_status": Value("int8"), "_trained": Value("int32")})
+
+
+@dataclass
+class DatasetStats:
+    rows_read: int = 0
+    bad_rows_skipped: int = 0
+    overlong_dropped: int = 0
+    overlong_truncated: int = 0
+    duplicates_removed: int = 0
+    examples: int = 0            # kept, unique
+    held_out: int = 0            # moved to validation (val_fraction)
+    train_examples: int = 0      # after weighting
+    train_tokens: int = 0
+    train_trained_tokens: int = 0
+
+
+@dataclass
+class DataStats:
+    datasets: dict[str, DatasetStats] = field(default_factory=dict)
+    validation: dict[str, DatasetStats] = field(default_factory=dict)
+    train_examples: int = 0
+    train_rows: int = 0
+    train_tokens: int = 0
+    train_trained_tokens: int = 0
+    packing_efficiency: float = 0.0  # real tokens / (rows * max_seq_len)
+    validation_examples: int = 0
+    validation_rows: int = 0
+    cache_hit: bool = False
+    cache_path: str = ""
+
+
+@dataclass
+class PreparedData:
+    train: Dataset                      # columns input_ids, labels, position_ids (list[int], <= max_seq_len)
+    validation: Dataset | None
+    stats: DataStats
+    validation_examples: list[list[dict]]  # held-out conversations (messages ending with the answer)
+
+
+class _Bad(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+def _data_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTS) if path.is_dir() \
+        else [path]
+    kinds = {DATA_EXTS.get(p.suffix.lower()) for p in files}
+    if not files:
+        raise DataError(f"dataset folder {path} has no .jsonl, .json, .csv or .parquet files")
+    if None in kinds:
+        raise DataError(f"dataset file {path}: unsupported type {path.suffix!r} (use {', '.join(DATA_EXTS)})")
+    if len(kinds) > 1:
+        raise DataError(f"dataset folder {path} mixes file types ({', '.join(sorted(kinds))}); use one")
+    return files
+
+
+def _looks_like_path(spec_path: str) -> bool:
+    return (spec_path.startswith((".", "/", "~")) or spec_path.count("/") > 1 or "\\" in spec_path
+            or Path(spec_path).suffix.lower() in {*DATA_EXTS, ".txt", ".tsv", ".gz", ".arrow"})
+
+
+def _source(spec: DatasetSection, base_dir: str) -> tuple[str, object]:
+    """("local", [files]) or ("hub", id), with the identity that goes into the cache key."""
+    path = Path(base_dir, os.path.expanduser(spec.path))
+    if path.exists():
+        return "local", _data_files(path)
+    if _looks_like_path(spec.path):
+        raise DataError(f"dataset file not found: {spec.path} (paths are relative to the current directory, "
+                        f"{Path(base_dir).resolve()})")
+    return "hub", spec.path
+
+
+def _identity(kind: str, source) -> object:
+    if kind == "hub":
+        return source
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in source]
+
+
+def _read_json(path: Path) -> tuple[list[str], list[str]]:
+    """Rows of a .jsonl (or JSON array) file as JSON strings, and their locations ("file:line")."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        return [json.dumps(x) for x in items], [f"{path}, item {i + 1}" for i in range(len(items))]
+    rows, where = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON line: {e.msg} (column {e.colno})") from None
+            rows.append(line)
+            where.append(f"{path}:{n}")
+    return rows, where
+
+
+def _hub_reachable() -> bool:
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
+    """The selected rows of a dataset: its columns (or `_json` for our reader) plus `_where`."""
+    if kind == "hub":
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not _hub_reachable():
+            raise DataError(f"dataset {spec.path!r} is not a local file or folder, and the Hugging Face Hub is "
+                            "unreachable (offline?); use a local file, or set HF_HUB_OFFLINE=1 to use a cached copy")
+        try:
+            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, cache_dir=hf_cache)
+        except Exception as e:  # ConnectionError, DatasetNotFoundError, bad split names, ...
+            raise DataError(f"cannot load Hub dataset {spec.path!r} (split {spec.split!r}): {e}") from None
+        return ds.add_column("_where", [f"{spec.path}, row {i + 1}" for i in range(len(ds))])
+    files = source
+    loader = DATA_EXTS[files[0].suffix.lower()]
+    if loader == "json":
+        rows, where = [], []
+        for f in files:
+            r, w = _read_json(f)
+            rows += r
+            where += w
+        ds = Dataset.from_dict({"_json": rows, "_where": where})
+    else:
+        extra = {"dtype": str, "keep_default_na": False} if loader == "csv" else {}  # csv cells stay text
+        try:
+            ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train",
+                                       cache_dir=hf_cache, **extra)
+        except Exception as e:
+            raise DataError(f"cannot read {spec.path}: {e}") from None
+        ds = ds.add_column("_where", [f"{spec.path}, row {i + 1}" for i in range(len(ds))])
+    try:
+        parts = datasets.ReadInstruction.from_spec(spec.split).to_absolute({"train": len(ds)})
+    except Exception as e:
+        raise DataError(f"dataset {spec.path}: bad split {spec.split!r} (local files have one split, 'train', "
+                        f"sliced like train[:95%]): {e}") from None
+    return ds.select([i for p in parts for i in range(p.from_, p.to)])
+
+
+# ------------------------------------------------------------------------------------------------- normalizing
+
+def _text(row: dict, cols: dict, name: str, optional: bool = False) -> str:
+    key = cols.get(name, name)
+    value = row.get(key)
+    if value is None:
+        if optional:
+            return ""
+        raise _Bad(f"missing field {key!r}" + (f" (our {name!r})" if key != name else ""))
+    if not isinstance(value, str):
+        raise _Bad(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip() and not optional:
+        raise _Bad(f"field {key!r} is empty")
+    return value
+
+
+def normalize(row: dict, fmt: str, cols: dict) -> list[dict]:
+    """One raw row as messages [{role, content, input}]; raises _Bad with the reason."""
+    if fmt == "alpaca":
+        return [{"role": "user", "content": _text(row, cols, "instruction"),
+                 "input": _text(row, cols, "input", optional=True)},
+                {"role": "assistant", "content": _text(row, cols, "output"), "input": ""}]
+    if fmt == "text":
+        return [{"role": "text", "content": _text(row, cols, "text"), "input": ""}]
+    names = [cols.get(n, n) for n in ("conversations", "messages")]
+    turns = next((row[n] for n in names if row.get(n) is not None), None)
+    if turns is None:
+        raise _Bad(f"missing field {names[0]!r} (ShareGPT) or {names[1]!r} (OpenAI)")
+    if not isinstance(turns, list) or not turns:
+        raise _Bad(f"the conversation must be a non-empty list of turns, got {type(turns).__name__}")
+    messages = []
+    for i, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            raise _Bad(f"turn {i} must be an object, got {type(t).__name__}")
+        role, content = (t.get("from"), t.get("value")) if "from" in t else (t.get("role"), t.get("content"))
+        if role not in ROLES:
+            raise _Bad(f"turn {i}: unknown role {role!r} (known: {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise _Bad(f"turn {i}: content must be a string, got {type(content).__name__}")
+        messages.append({"role": ROLES[role], "content": content, "input": ""})
+    for i, m in enumerate(messages[1:] if messages[0]["role"] == "system" else messages):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise _Bad(f"turns must be an optional system message, then user and assistant alternating; got "
+                       f"{' '.join(m['role'] for m in messages)}")
+    if messages[-1]["role"] != "assistant":
+        raise _Bad("the conversation must end with an assistant turn")
+    return messages
+
+
+# ------------------------------------------------------------------------------------------------- tokenizing
+
+def encode_example(messages: list[dict], template: Template, tokenizer, cfg: DataSection):
+    """(input_ids, labels, status) of one normalized example under the recipe's masking and overlong policy."""
+    if messages[0]["role"] == "text":
+        segments = [Segment(messages[0]["content"], True, bos=True, eos=True)]
+    else:
+        segments = template.render(messages)
+    pieces = encode_segments(segments, tokenizer)
+    ids, labels = [], []
+    for seg, piece in zip(segments, pieces):
+        ids += piece
+        if seg.trained or cfg.train_on_inputs:
+            labels += [IGNORE_INDEX] + piece[1:] if seg.bos else piece  # BOS is never a target
+        else:
+            labels += [IGNORE_INDEX] * len(piece)
+    if labels.count(IGNORE_INDEX) == len(labels):
+        raise ValueError("the example has no trained tokens")
+    status, L = KEPT, cfg.max_seq_len
+    if len(ids) > L:
+        if cfg.overlong == "drop" or len(pieces[-1]) > L - 1:  # the final response must fit whole after BOS
+            return ids[:0], labels[:0], DROPPED
+        ids, labels, status = ids[:1] + ids[len(ids) - L + 1:], labels[:1] + labels[len(ids) - L + 1:], TRUNCATED
+    return ids, labels, status
+
+
+def _process(batch: dict, fmt: str, cols: dict, template: Template, tokenizer, cfg: DataSection) -> dict:
+    out = {k: [] for k in _TOKENIZED}
+    names = [k for k in batch if k != "_where"]
+    for i, where in enumerate(batch["_where"]):
+        row = {k: batch[k][i] for k in names}
+        ids, labels, messages, error, status = [], [], [], "", BAD
+        try:
+            if "_json" in row:
+                row = json.loads(row["_json"])
+                if not isinstance(row, dict):
+                    raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
+            messages = normalize(row, fmt, cols)
+            ids, labels, status = encode_example(messages, template, tokenizer, cfg)
+        except (_Bad, ValueError) as e:  # ValueError: the template refuses the conversation
+            error = f"{where}: {e}"
+        out["messages"].append(messages)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["_key"].append(hashlib.sha1(json.dumps(messages).encode()).hexdigest())
+        out["_error"].append(error)
+        out["_status"].append(status)
+        out["_trained"].append(len(labels) - labels.count(IGNORE_INDEX))
+    return out
+
+
+def _tokenize(spec: DatasetSection, raw: Dataset, template, tokenizer, cfg: DataSection, stats: DatasetStats,
+              seen: set, fingerprint: str) -> tuple[Dataset, np.ndarray]:
+    """Tokenized rows of one dataset and the indices of its kept, unique examples (updating `seen`)."""
+    stats.rows_read = len(raw)
+    if len(raw) == 0:
+        raise DataError(f"dataset {spec.path} (split {spec.split!r}) is empty")
+    if spec.max_samples is not None and spec.max_samples < len(raw):
+        rng = np.random.default_rng(cfg.seed)
+        raw = raw.select(np.sort(rng.choice(len(raw), spec.max_samples, replace=False)))
+    tok = raw.map(_process, batched=True, batch_size=256, remove_columns=raw.column_names, features=_TOKENIZED,
+                  fn_kwargs=dict(fmt=spec.format, cols=spec.columns, template=template, tokenizer=tokenizer,
+                                 cfg=cfg), num_proc=cfg.num_proc if len(raw) >= 1000 else None,
+                  keep_in_memory=True, new_fingerprint=fingerprint, desc=f"tokenizing {spec.path}")
+    status = np.asarray(tok.with_format("arrow")["_status"])
+    bad = np.flatnonzero(status == BAD)
+    if len(bad) and cfg.on_bad_row == "error":
+        errors = tok.select(bad[:3])["_error"]
+        more = f"\n(and {len(bad) - 3} more bad rows)" if len(bad) > 3 else ""
+        raise DataError("\n".join(errors) + more + "\n(data.on_bad_row: skip skips and counts bad rows)")
+    stats.bad_rows_skipped = len(bad)
+    stats.overlong_dropped = int((status == DROPPED).sum())
+    stats.overlong_truncated = int((status == TRUNCATED).sum())
+    kept = np.flatnonzero(status <= TRUNCATED)
+    if cfg.dedup:
+        keys = tok.with_format("arrow")["_key"].to_pylist()
+        unique = []
+        for i in kept:
+            if keys[i] not in seen:
+                seen.add(keys[i])
+                unique.append(i)
+        stats.duplicates_removed = len(kept) - len(unique)
+        kept = np.asarray(unique, dtype=np.int64)
+    stats.examples = len(kept)
+    if not len(kept):
+        raise DataError(f"dataset {spec.path}: no usable examples out of {len(raw)} rows ({stats.bad_rows_skipped} "
+                        f"bad, {stats.overlong_dropped} too long for max_seq_len {cfg.max_seq_len}, "
+                        f"{stats.duplicates_removed} duplicates)")
+    return tok, kept
+
+
+# --------------------------------------------------------------------------------------------- mixing and packing
+
+def _add_positions(batch: pa.Table) -> pa.Table:
+    """position_ids restarting at 0 for each example of a row (packed rows list them in trl's `seq_lengths`)."""
+    row_len = pc.list_value_length(batch["input_ids"].combine_chunks()).to_numpy(zero_copy_only=False)
+    if "seq_lengths" in batch.column_names:
+        lengths = batch["seq_lengths"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        batch = batch.drop_columns(["seq_lengths"])
+    else:
+        lengths = row_len
+    lengths = lengths.astype(np.int64)
+    pos = np.arange(lengths.sum(), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    offsets = np.concatenate([[0], np.cumsum(row_len)]).astype(np.int32)
+    return batch.append_column("position_ids", pa.ListArray.from_arrays(offsets, pa.array(pos, pa.int32())))
+
+
+def _finish(ds: Dataset, cfg: DataSection) -> tuple[Dataset, float]:
+    """Training rows (packed or one example each) with position_ids, and the packing efficiency."""
+    ds = ds.select_columns(["input_ids", "labels"]).flatten_indices(keep_in_memory=True)
+    if cfg.packing:
+        ds = pack_dataset(ds, cfg.max_seq_len, strategy="bfd", map_kwargs={"batch_size": 10_000,
+                                                                            "keep_in_memory": True})
+    ds = ds.with_format("arrow").map(_add_positions, batched=True, batch_size=10_000, keep_in_memory=True)
+    ds = ds.with_format(None)
+    tokens = int(pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py() or 0)
+    return ds, tokens / max(1, len(ds) * cfg.max_seq_len)
+
+
+def _name(spec: DatasetSection, names: dict) -> str:
+    name = spec.path if spec.split == "train" else f"{spec.path}[{spec.split}]"
+    return name if name not in names else f"{name} #{len(names) + 1}"
+
+
+def _build(cfg: DataSection, specs, val_specs, sources, val_sources, template, tokenizer, hf_cache: str,
+           key: str) -> PreparedData:
+    stats, seen = DataStats(), set()
+    train_parts, val_parts = [], []
+    for i, (spec, src) in enumerate(zip(val_specs, val_sources)):
+        st = stats.validation.setdefault(_name(spec, stats.validation), DatasetStats())
+        tok, kept = _tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}v{i}")
+        val_parts.append(tok.select(kept))
+    for i, (spec, src) in enumerate(zip(specs, sources)):
+        st = stats.datasets.setdefault(_name(spec, stats.datasets), DatasetStats())
+        tok, kept = _tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}t{i}")
+        rng = np.random.default_rng([cfg.seed, i])
+        if cfg.val_fraction > 0 and len(kept) > 1:
+            perm = rng.permutation(kept)
+            st.held_out = max(1, round(cfg.val_fraction * len(kept)))
+            val_parts.append(tok.select(np.sort(perm[:st.held_out])))
+            kept = np.sort(perm[st.held_out:])
+        whole, frac = divmod(spec.weight, 1)
+        extra = np.sort(rng.choice(kept, round(frac * len(kept)), replace=False))
+        idx = np.concatenate([np.tile(kept, int(whole)), extra]).astype(np.int64)
+        lengths = pc.list_value_length(tok.data.column("input_ids")).to_numpy(zero_copy_only=False)
+        st.train_examples = len(idx)
+        st.train_tokens = int(lengths[idx].sum())
+        st.train_trained_tokens = int(np.asarray(tok.data.column("_trained"))[idx].sum())
+        train_parts.append(tok.select(idx).flatten_indices(keep_in_memory=True))
+    train = concatenate_datasets(train_parts)
+    if len(train) == 0:
+        raise DataError("no training examples are left (check the weights, val_fraction and the stats)")
+    stats.train_examples = len(train)
+    stats.train_tokens = sum(s.train_tokens for s in stats.datasets.values())
+    stats.train_trained_tokens = sum(s.train_trained_tokens for s in stats.datasets.values())
+    train = train.select(np.random.default_rng(cfg.seed).permutation(len(train)))
+    train, stats.packing_efficiency = _finish(train, cfg)
+    stats.train_rows = len(train)
+    validation, examples = None, []
+    if val_parts:
+        validation = concatenate_datasets([p.flatten_indices(keep_in_memory=True) for p in val_parts])
+        stats.validation_examples = len(validation)
+        for messages in validation.select(range(min(len(validation), 4 * N_VALIDATION_EXAMPLES)))["messages"]:
+            if messages[0]["role"] != "text" and len(examples) < N_VALIDATION_EXAMPLES:
+                examples.append([{k: v for k, v in m.items() if k != "input" or v} for m in messages])
+        validation, _ = _finish(validation, cfg)
+        stats.validation_rows = len(validation)
+    return PreparedData(train, validation, stats, examples)
+
+
+# ------------------------------------------------------------------------------------------------------ caching
+
+def _cache_key(cfg: DataSection, specs, val_specs, sources, val_sources, template, tokenizer) -> str:
+    """Everything the result depends on: the data options, each dataset's options and its files' identity (path,
+    size, mtime), the template's and tokenizer's fingerprints, and this pipeline's code."""
+    tok_hash = tokenizer.sha256() if callable(tokenizer.sha256) else tokenizer.sha256
+    code = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (__file__, Path(__file__).with_name(
+        "templates.py"))]
+    material = {
+        "version": CACHE_VERSION, "code": code, "template": template.sha256, "tokenizer": tok_hash,
+        "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "num_proc", "validation")},
+        "train": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(specs, sources)],
+        "validation": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(val_specs, val_sources)]}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _save(prepared: PreparedData, entry: Path) -> None:
+    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prepared.train.save_to_disk(str(tmp / "train"))
+    if prepared.validation is not None:
+        prepared.validation.save_to_disk(str(tmp / "validation"))
+    meta = {"stats": dataclasses.asdict(prepared.stats), "validation_examples": prepared.validation_examples}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another process stored the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(entry: Path) -> PreparedData:
+    meta = json.loads((entry / "meta.json").read_text())
+    s = meta["stats"]
+    stats = DataStats(**{**s, "datasets": {k: DatasetStats(**v) for k, v in s["datasets"].items()},
+                         "validation": {k: DatasetStats(**v) for k, v in s["validation"].items()}})
+    stats.cache_hit, stats.cache_path = True, str(entry)
+    validation = datasets.load_from_disk(str(entry / "validation")) if (entry / "validation").exists() else None
+    return PreparedData(datasets.load_from_disk(str(entry / "train")), validation, stats,
+                        meta["validation_examples"])
+
+
+def build_datasets(recipe_data: DataSection, specs: list[DatasetSection], template: Template, tokenizer, *,
+                   base_dir: str = ".") -> PreparedData:
+    """Training and validation data of a recipe (see the module docstring), from the cache when it is fresh.
+    Dataset paths and cache_dir are relative to `base_dir`: the current directory, not the recipe's folder."""
+    cfg = recipe_data
+    if not specs:
+        raise DataError("the recipe lists no datasets")
+    sources = [_source(s, base_dir) for s in specs]
+    val_sources = [_source(s, base_dir) for s in cfg.validation]
+    root = Path(base_dir, os.path.expanduser(cfg.cache_dir or "~/.cache/llama-finetune/data"))
+    key = _cache_key(cfg, specs, cfg.validation, sources, val_sources, template, tokenizer)
+    entry = root / key
+    if (entry / "meta.json").exists():
+        return _load_cached(entry)
+    root.mkdir(parents=True, exist_ok=True)
+    prepared = _build(cfg, specs, cfg.validation, sources, val_sources, template, tokenizer, str(root / "hf"), key)
+    _save(prepared, entry)
+    prepared.stats.cache_path = str(entry)
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------- batches, display
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch padded on the right to its longest row: input_ids with pad_id, labels with -100, position_ids 0.
+
+    Pads come after every real token and attention is causal, so no real token sees them; with position 0 each pad
+    also starts its own one-token "document" (0 never continues the previous position), so pads never form a
+    sequence with the real tokens and no attention row is empty. Their labels are -100: no loss.
+    """
+    T = max(len(r["input_ids"]) for r in rows)
+    out = {k: torch.full((len(rows), T), fill, dtype=torch.long)
+           for k, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0))}
+    for i, r in enumerate(rows):
+        for k, t in out.items():
+            t[i, :len(r[k])] = torch.as_tensor(r[k], dtype=torch.long)
+    return out
+
+
+def render_example_for_display(row: dict, tokenizer, *, color: bool = False) -> str:
+    """A training row as text, one block per packed example, with its token counts. Untrained (masked) text is
+    wrapped in ⟦...⟧, or dimmed with `color`; BOS and EOS show as <s> and </s>."""
+    special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    blocks: list[list[tuple[bool, list[int]]]] = []  # per example: runs of (trained, ids)
+    for t, label, p in zip(row["input_ids"], row["labels"], row["position_ids"]):
+        if p == 0:
+            blocks.append([])
+        if blocks[-1] and blocks[-1][-1][0] == (label != IGNORE_INDEX):
+            blocks[-1][-1][1].append(t)
+        else:
+            blocks[-1].append((label != IGNORE_INDEX, [t]))
+    out = []
+    for runs in blocks:
+        text, fresh = [], True  # fresh: at a sequence start, where decoding drops the dummy-prefix space
+        for trained, run in runs:
+            pieces, start = [], 0
+            for i, t in enumerate(run + [None]):
+                if t is None or t in special:
+                    if i > start:
+                        pieces.append(tokenizer.decode(run[start:i], continuation=not fresh))
+                        fresh = False
+                    if t is not None:
+                        pieces.append(special[t])
+                        fresh = t == tokenizer.bos_id
+                    start = i + 1
+            piece = "".join(pieces)
+            text.append(piece if trained else f"\033[2m{piece}\033[0m" if color else f"⟦{piece}⟧")
+        n, n_trained = sum(len(r) for _, r in runs), sum(len(r) for trained, r in runs if trained)
+        out.append(f"--- example: {n} tokens, {n_trained} trained\n{''.join(text)}")
+    return "\n".join(out)
+
+
+def format_stats(stats: DataStats, max_seq_len: int | None = None) -> str:
+    lines = []
+    for title, group in (("train", stats.datasets), ("validation", stats.validation)):
+        for name, s in group.items():
+            lines.append(f"{title} {name}: {s.rows_read} rows read, {s.bad_rows_skipped} bad skipped, "
+                         f"{s.duplicates_removed} duplicates, overlong {s.overlong_dropped} dropped / "
+                         f"{s.overlong_truncated} truncated, {s.examples} kept"
+                         + (f", {s.held_out} held out, {s.train_examples} in the mix ({s.train_tokens} tokens, "
+                            f"{s.train_trained_tokens} trained)" if title == "train" else ""))
+    lines.append(f"train: {stats.train_examples} examples, {stats.train_tokens} tokens "
+                 f"({stats.train_trained_tokens} trained) in {stats.train_rows} rows"
+                 + (f" of {max_seq_len}" if max_seq_len else "") + f", packing efficiency "
+                 f"{stats.packing_efficiency:.1%}")
+    if stats.validation_examples:
+        lines.append(f"validation: {stats.validation_examples} examples in {stats.validation_rows} rows")
+    lines.append(f"cache: {'hit' if stats.cache_hit else 'stored'} {stats.cache_path}")
+    return "\n".join(lines)
+
+
+def show(prepared: PreparedData, tokenizer, n: int, *, color: bool = False, max_seq_len: int | None = None) -> str:
+    """What `finetune preprocess --show N` prints: the stats, then the first n training rows."""
+    rows = [render_example_for_display(prepared.train[i], tokenizer, color=color)
+            for i in range(min(n, len(prepared.train)))]
+    return "\n\n".join([format_stats(prepared.stats, max_seq_len)] + [f"=== row {i}\n{r}" for i, r in enumerate(rows)])

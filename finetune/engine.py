@@ -1,0 +1,92 @@
+"""What the training loop needs from the hardware: forward, backward, optimizer step, state, collectives.
+
+`LocalEngine` trains on one device. `finetune.distributed.DeepSpeedEngine` has the same methods, so the loop in
+`finetune.train` is the same for both.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llama_core.model import Transformer
+
+from .build import Precision, autocast_context
+
+
+class LocalEngine:
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, module: torch.nn.Module, core: Transformer, optimizer: torch.optim.Optimizer,
+                 precision: Precision, device: torch.device, grad_clip: float | None):
+        self.module, self.core, self.optimizer = module, core, optimizer  # module: the PeftModel or the core
+        self.precision, self.device, self.grad_clip = precision, device, grad_clip
+        # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.core.named_parameters() if p.requires_grad}
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with autocast_context(self.precision, self.device):
+            return self.core(**batch, reduction="sum")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        """Clip, update, clear the gradients; returns the gradient norm before clipping."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the update if the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- checkpoints ---
+
+    def save(self, path: str) -> None:
+        """Trained weights (the adapter for LoRA) and the optimizer and loss-scaler state."""
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.trainable().items()}
+        save_file(tensors, os.path.join(path, "trainable.safetensors"), metadata={"format": "pt"})
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, os.path.join(path, "optimizer.pt"))
+
+    def load(self, path: str) -> None:
+        tensors = load_file(os.path.join(path, "trainable.safetensors"))
+        params = self.trainable()
+        if set(tensors) != set(params):
+            raise ValueError(f"{path}: the checkpoint's trained tensors do not match this run's "
+                             f"(missing {sorted(set(params) - set(tensors))[:5]}, "
+                             f"unexpected {sorted(set(tensors) - set(params))[:5]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+        state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    # --- collectives (trivial on one process) ---
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass

@@ -1,0 +1,79 @@
+"""What a run shows and records: a progress line (step, loss, lr, tokens/s, ETA), metrics.jsonl, TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class RunLog:
+    """Metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard; progress to stderr.
+
+    On a terminal the progress line redraws in place every step; otherwise one line is printed every
+    `every` steps, so logs stay readable.
+    """
+
+    def __init__(self, out_dir: str, total_steps: int, *, every: int = 10, tensorboard: bool = True,
+                 progress: bool = True, enabled: bool = True, start_step: int = 0):
+        self.enabled, self.total, self.every, self.progress = enabled, total_steps, every, progress
+        self.start_time, self.start_step = time.time(), start_step
+        self.tty = sys.stderr.isatty()
+        self.writer = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+        if self.writer:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_"))
+                                           else key, value, step)
+
+    def show(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not (self.enabled and self.progress):
+            return
+        done = step - self.start_step
+        elapsed = time.time() - self.start_time
+        eta = elapsed / done * (self.total - step) if done else float("nan")
+        width = len(str(self.total))
+        line = (f"step {step:>{width}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_s:,.0f} tok/s | ETA {format_duration(eta)}")
+        if self.tty:
+            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            if self.tty and self.progress:
+                print("\r\033[K", end="", file=sys.stderr)
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            if self.writer:
+                self.writer.close()

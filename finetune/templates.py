@@ -1,0 +1,280 @@
+"""Prompt templates: one object renders training examples and inference prompts, so the two cannot drift.
+
+A conversation is a list of messages `{"role": "system"|"user"|"assistant", "content": str}`; an Alpaca user turn
+may also carry a non-empty `input`. `Template.render(messages)` turns it into `Segment`s (text + trained flag);
+`Template.prompt(messages)` renders a conversation ending with a user turn and stops where the answer begins.
+`tokenize(segments, tokenizer)` gives the token ids, so a prompt's ids are exactly a prefix of the training ids.
+The training labels (which tokens are targets) follow from the segments: see `finetune.data`.
+
+A template is a small definition (the built-ins below, or a YAML file with the same keys):
+
+    system:         format of the system block, with {content}; null: system messages are refused
+    default_system: the system message used when a conversation has none (null: none)
+    system_in_first_user: prepend the system block to the first user message (LLaMA-2 chat) instead of the start
+    user:           format of a user turn, with {content}
+    user_with_input: format of a user turn with a non-empty Alpaca `input`, with {content} and {input}
+                    (null: "{content}\\n\\n{input}" through `user`)
+    assistant:      format of an assistant turn, with {content}; the text before {content} is an untrained header
+                    (ending the prompt), the rest is the trained response. Spaces ending the header move into the
+                    response: a SentencePiece prompt must not end with a space ("ASSISTANT:" + " Hi").
+    separator:      untrained text between an assistant turn and the next user turn
+    bos_each_turn:  every user turn after the first starts a new BOS sequence (LLaMA-2 chat: "</s><s>[INST]")
+    eos:            end every assistant response with EOS, trained (false only for few-shot formats like mmlu)
+
+Templates never contain <s> or </s> as text: BOS and EOS are token ids (`Segment.bos`, `Segment.eos`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+_FIELDS = re.compile(r"\{(content|input)\}")
+_OPT = (str, type(None))
+_KEYS = {"name": str, "description": str, "system": _OPT, "default_system": _OPT, "system_in_first_user": bool,
+         "user": str, "user_with_input": _OPT, "assistant": str, "separator": str, "bos_each_turn": bool, "eos": bool}
+_DEFAULTS = {"description": "", "system": None, "default_system": None, "system_in_first_user": False,
+             "user_with_input": None, "separator": "", "bos_each_turn": False, "eos": True}
+
+_ALPACA = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request."
+BUILTINS: dict[str, dict] = {
+    "alpaca": dict(
+        description="Stanford Alpaca (train.py's PROMPT_DICT); the output follows '### Response:' directly",
+        user=_ALPACA.format("") + "\n\n### Instruction:\n{content}\n\n### Response:",
+        user_with_input=_ALPACA.format(", paired with an input that provides further context")
+        + "\n\n### Instruction:\n{content}\n\n### Input:\n{input}\n\n### Response:",
+        assistant="{content}", separator="\n\n"),
+    "vicuna": dict(
+        description="Vicuna v1.1 (FastChat vicuna_v1.1: sep ' ', sep2 '</s>')",
+        system="{content} ", default_system="A chat between a curious user and an artificial intelligence "
+        "assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        user="USER: {content} ", assistant="ASSISTANT: {content}"),
+    "llama2-chat": dict(
+        description="LLaMA-2 chat: [INST] <<SYS>> ... <</SYS>> ... [/INST] answer </s><s>[INST] ...",
+        system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_first_user=True,
+        user="[INST] {content} [/INST]", assistant=" {content} ", bos_each_turn=True),
+    "chatml": dict(
+        description="ChatML as plain text (no special im tokens); EOS follows each <|im_end|> of the assistant",
+        system="<|im_start|>system\n{content}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n",
+        assistant="<|im_start|>assistant\n{content}<|im_end|>", separator="\n"),
+    "plain": dict(
+        description="completion: the prompt text, then the response text, nothing added",
+        system="{content}\n", user="{content}", user_with_input="{content}\n{input}", assistant="{content}"),
+    "mmlu": dict(
+        description="MMLU / Flan few-shot: '{question}\\nA. ..\\nD. ..\\nAnswer:' then ' X'; no EOS between shots",
+        system="{content}\n\n", user="{content}\nAnswer:", user_with_input="{content}\n{input}\nAnswer:",
+        assistant=" {content}", separator="\n\n", eos=False),
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered conversation. `bos`: a BOS id precedes it (and its text is encoded as the start of a
+    sequence); `eos`: an EOS id follows it, trained iff the segment is."""
+    text: str
+    trained: bool
+    bos: bool = False
+    eos: bool = False
+
+
+def format_choices(choices: list[str]) -> str:
+    """MMLU answer options as 'A. ...\\nB. ...', the `input` of a user turn for the mmlu template."""
+    return "\n".join(f"{'ABCDEFGH'[i]}. {c}" for i, c in enumerate(choices))
+
+
+def _fill(fmt: str, **values: str) -> str:
+    return _FIELDS.sub(lambda m: values[m[1]], fmt)  # one pass: braces inside the values stay as they are
+
+
+class Template:
+    def __init__(self, definition: dict, source: str = "<template>"):
+        self.definition = _validate(definition, source)
+        for key, value in self.definition.items():
+            setattr(self, key, value)
+        header, _, response = self.assistant.partition("{content}")
+        stripped = header.rstrip(" ")
+        self.header, self.response = stripped, header[len(stripped):] + "{content}" + response
+
+    @property
+    def sha256(self) -> str:
+        """Fingerprint of the definition (part of the tokenized-data cache key)."""
+        rendering = {k: v for k, v in self.definition.items() if k not in ("name", "description")}
+        return hashlib.sha256(json.dumps(rendering, sort_keys=True).encode()).hexdigest()
+
+    def render(self, messages: list[dict]) -> list[Segment]:
+        """Segments of a whole conversation; it must end with an assistant turn."""
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("a conversation must end with an assistant turn")
+        return self._segments(messages)
+
+    def prompt(self, messages: list[dict]) -> list[Segment]:
+        """Segments of a conversation ending with a user turn, up to where the assistant's answer begins."""
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("a prompt must end with a user turn")
+        return self._segments(messages)
+
+    def _segments(self, messages: list[dict]) -> list[Segment]:
+        system, turns = self._split_system(messages)
+        out = [Segment("", False, bos=True)]
+        if system is not None and not self.system_in_first_user:
+            out.append(Segment(_fill(self.system, content=system), False))
+        for i, m in enumerate(turns):
+            if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError(f"turn {i + 1} is {m['role']!r}: turns must alternate user, assistant, ...")
+            if m["role"] == "user":
+                content = m["content"]
+                if i == 0 and system is not None and self.system_in_first_user:
+                    content = _fill(self.system, content=system) + content
+                if i > 0:
+                    out.append(Segment(self.separator, False))
+                    if self.bos_each_turn:
+                        out.append(Segment("", False, bos=True))
+                out.append(Segment(self._user_text(content, m.get("input")), False))
+                if i == len(turns) - 1:  # a prompt: end with the assistant's header
+                    out.append(Segment(self.header, False))
+            else:
+                out.append(Segment(self.header, False))
+                out.append(Segment(_fill(self.response, content=m["content"]), True, eos=self.eos))
+        return _merge(out)
+
+    def _split_system(self, messages: list[dict]) -> tuple[str | None, list[dict]]:
+        system = self.default_system
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+            if self.system is None:
+                raise ValueError(f"template {self.name!r} has no system prompt; this conversation has one")
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError("a system message may only come first")
+        return system, messages
+
+    def _user_text(self, content: str, input: str | None) -> str:
+        if not input:
+            return _fill(self.user, content=content)
+        if self.user_with_input is None:
+            return _fill(self.user, content=content + "\n\n" + input)
+        return _fill(self.user_with_input, content=content, input=input)
+
+    def to_jinja(self) -> str:
+        """A Hugging Face `chat_template` (for tokenizer_config.json) rendering the same text, with bos_token and
+        eos_token where the ids go: it equals `segments_text(render(messages))` (and `prompt` with
+        add_generation_prompt)."""
+        def s(text: str) -> str:
+            return json.dumps(text, ensure_ascii=False)
+
+        def expr(fmt: str, **names: str) -> str:  # a format string as a Jinja expression
+            parts = [s(p) if i % 2 == 0 else names[p] for i, p in enumerate(_FIELDS.split(fmt))]
+            return " + ".join(p for p in parts if p != '""') or '""'
+
+        user_input = self.user_with_input or self.user.replace("{content}", "{content}\n\n{input}")
+        j = ["{{- bos_token -}}",
+             f"{{%- set system = {s(self.default_system) if self.default_system is not None else 'none'} -%}}",
+             "{%- set turns = messages -%}",
+             "{%- if messages and messages[0]['role'] == 'system' -%}"
+             "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}{%- endif -%}"]
+        sys_block = expr(self.system, content="system") if self.system is not None else '""'
+        if not self.system_in_first_user:
+            j.append(f"{{%- if system is not none -%}}{{{{- {sys_block} -}}}}{{%- endif -%}}")
+        j += ["{%- for m in turns -%}",
+              "{%- if m['role'] == 'user' -%}{%- set content = m['content'] -%}",
+              f"{{%- if not loop.first -%}}{{{{- {s(self.separator)} -}}}}"
+              + ("{{- bos_token -}}" if self.bos_each_turn else "") + "{%- endif -%}"]
+        if self.system_in_first_user:
+            j.append(f"{{%- if loop.first and system is not none -%}}{{%- set content = {sys_block} + content -%}}"
+                     "{%- endif -%}")
+        with_input = expr(user_input, content="content", input="m['input']")
+        answer = f"{s(self.header)} + {expr(self.response, content='m[' + s('content') + ']')}"
+        eos = " + eos_token" if self.eos else ""
+        j += ["{%- if 'input' in m and m['input'] -%}",
+              f"{{{{- {with_input} -}}}}",
+              f"{{%- else -%}}{{{{- {expr(self.user, content='content')} -}}}}{{%- endif -%}}",
+              f"{{%- else -%}}{{{{- {answer}{eos} -}}}}{{%- endif -%}}",
+              "{%- endfor -%}",
+              f"{{%- if add_generation_prompt -%}}{{{{- {s(self.header)} -}}}}{{%- endif -%}}"]
+        return "".join(j)
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Join neighbours of the same kind (so "USER: hi " + "ASSISTANT:" tokenizes as one text) and drop empty
+    texts that carry no BOS/EOS."""
+    out: list[Segment] = []
+    for seg in segments:
+        if out and out[-1].trained == seg.trained and not out[-1].eos and not seg.bos:
+            prev = out.pop()
+            seg = Segment(prev.text + seg.text, seg.trained, prev.bos, seg.eos)
+        if seg.text or seg.bos or seg.eos:
+            out.append(seg)
+    return out
+
+
+def segments_text(segments: list[Segment], bos: str = "<s>", eos: str = "</s>") -> str:
+    """The text of segments, with `bos`/`eos` where the ids go (what `to_jinja` renders)."""
+    return "".join(bos * s.bos + s.text + eos * s.eos for s in segments)
+
+
+def encode_segments(segments: list[Segment], tokenizer) -> list[list[int]]:
+    """Token ids of each segment, its BOS and EOS included. A segment that starts a sequence (after BOS) is
+    encoded with SentencePiece's dummy prefix, any other as a continuation, so concatenated ids equal the ids of
+    the whole conversation and a prompt's ids are a prefix of its training example's."""
+    out = []
+    for seg in segments:
+        ids = [tokenizer.bos_id] if seg.bos else []
+        if seg.text:
+            ids += tokenizer.encode(seg.text, continuation=not seg.bos and bool(out))
+        out.append(ids + [tokenizer.eos_id] * seg.eos)
+    return out
+
+
+def tokenize(segments: list[Segment], tokenizer) -> list[int]:
+    """All token ids of `segments` (for a prompt: `tokenize(template.prompt(messages), tokenizer)`)."""
+    return [i for ids in encode_segments(segments, tokenizer) for i in ids]
+
+
+def _validate(d, source: str) -> dict:
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: a template must be a mapping of keys, got {type(d).__name__}")
+    problems = [f"unknown key {k!r} (known: {', '.join(_KEYS)})" for k in d if k not in _KEYS]
+    problems += [f"missing key {k!r}" for k in ("name", "user", "assistant") if k not in d]
+    for k, v in d.items():
+        if k in _KEYS and not isinstance(v, _KEYS[k]):
+            kind = "a string or null" if _KEYS[k] is _OPT else f"a {_KEYS[k].__name__}"
+            problems.append(f"{k!r} must be {kind}, got {type(v).__name__}")
+    if not problems:
+        d = {**_DEFAULTS, **d}
+        need = {"user": {"content"}, "assistant": {"content"}, "system": {"content"},
+                "user_with_input": {"content", "input"}}
+        for k, fields in need.items():
+            if d[k] is not None and set(_FIELDS.findall(d[k])) != fields:
+                problems.append(f"{k!r} must contain {' and '.join('{' + f + '}' for f in sorted(fields))}"
+                                " (each once; other placeholders are not supported)")
+            elif d[k] is not None and any(len(re.findall(r"\{" + f + r"\}", d[k])) > 1 for f in fields):
+                problems.append(f"{k!r} must contain each placeholder once")
+        if d["default_system"] is not None and d["system"] is None:
+            problems.append("'default_system' needs a 'system' format")
+        if any(t in str(d[k]) for k in need for t in ("<s>", "</s>")):
+            problems.append("templates must not contain <s> or </s> as text (BOS/EOS are added as ids)")
+    if problems:
+        raise UserError(f"{source}: invalid template:\n  " + "\n  ".join(problems))
+    return d
+
+
+def load_template(name_or_path: str) -> Template:
+    """A built-in template by name, or a template YAML file (with the keys described in this module)."""
+    if name_or_path in BUILTINS:
+        return Template({"name": name_or_path, **BUILTINS[name_or_path]}, f"built-in template {name_or_path!r}")
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            definition = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"template file {name_or_path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"template file {name_or_path}: not valid YAML: {e}") from None
+        return Template(definition, f"template file {name_or_path}")
+    raise UserError(f"unknown template {name_or_path!r}: use a built-in ({', '.join(BUILTINS)}) "
+                    "or a template .yaml file")

@@ -1,0 +1,439 @@
+"""Checkpoints in the Hugging Face layout (config.json + safetensors, sharded or not) and in Meta's original one
+(params.json + model-parallel consolidated.NN.pth): detection, streaming reads, atomic writes and conversion.
+
+Tensors are named as in `model.py` (Hugging Face's names, half-split rotary layout) everywhere in this module's
+API; Meta's names, its model-parallel split and its interleaved rotary layout only exist inside the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LlamaConfig
+from .model import Transformer
+
+HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+META_PARAMS = "params.json"
+_META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+_IGNORED = re.compile(r"(^|\.)(rotary_emb\.(original_)?inv_freq|rope\.freqs)$")  # stale buffers of old saves
+
+# Meta's module names, ours, and the dim fairscale splits each along across model-parallel shards (None:
+# replicated): ParallelEmbedding splits dim 1, ColumnParallelLinear dim 0 (outputs), RowParallelLinear dim 1.
+_META_TOP = [("tok_embeddings", "model.embed_tokens", 1), ("norm", "model.norm", None), ("output", "lm_head", 0)]
+_META_LAYER = [("attention.wq", "self_attn.q_proj", 0), ("attention.wk", "self_attn.k_proj", 0),
+               ("attention.wv", "self_attn.v_proj", 0), ("attention.wo", "self_attn.o_proj", 1),
+               ("feed_forward.w1", "mlp.gate_proj", 0), ("feed_forward.w2", "mlp.down_proj", 1),
+               ("feed_forward.w3", "mlp.up_proj", 0), ("attention_norm", "input_layernorm", None),
+               ("ffn_norm", "post_attention_layernorm", None)]
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """An unreadable, inconsistent or unwritable checkpoint; the message names the file (and tensor)."""
+
+
+# --- names, rotary layout, small helpers ---
+
+def meta_names(n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """Our tensor name -> (Meta's name, dim of its model-parallel split or None)."""
+    names = {f"{ours}.weight": (f"{meta}.weight", dim) for meta, ours, dim in _META_TOP}
+    for i in range(n_layers):
+        names |= {f"model.layers.{i}.{ours}.weight": (f"layers.{i}.{meta}.weight", dim)
+                  for meta, ours, dim in _META_LAYER}
+    return names
+
+
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows from Meta's interleaved rotary pairs (2i, 2i+1) to HF's half-split pairs (i, i + d/2)."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    dim1, dim2 = w.shape
+    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def _rotary_heads(name: str, config: LlamaConfig) -> int | None:
+    """Heads of a q/k projection (which the rotary permutation applies to), None for other tensors."""
+    if name.endswith("self_attn.q_proj.weight"):
+        return config.n_heads
+    return config.n_kv_heads if name.endswith("self_attn.k_proj.weight") else None
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """torch.bfloat16, "bf16", "bfloat16", "torch.bfloat16", ... -> torch.bfloat16; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype.removeprefix("torch.") not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype.removeprefix("torch.")]
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in 5000000, "5GB" (10^9), "5GiB" (2^30), "500MB", ..., as Hugging Face reads max_shard_size."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if isinstance(size, bool) or not m or float(m[1]) <= 0:
+        raise ValueError(f"invalid size {size!r}; use bytes or a number with a unit, e.g. '5GB', '500MB'")
+    unit = (m[2] or "B").upper()
+    return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit])
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """A .pth state dict, memory-mapped; refuses (never executes) pickles that need anything but tensors."""
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, OSError ...
+        if "Weights only load failed" in str(e):
+            detail = re.search(r"Unsupported global: [^\n.]*(\.[^\s.]+)*", str(e))
+            raise CheckpointError(f"{file}: refusing to unpickle objects other than tensors "
+                                  f"({detail[0] if detail else 'torch.load weights_only=True failed'})") from None
+        raise CheckpointError(f"{file}: cannot load ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise CheckpointError(f"{file}: not a state dict (a dict of tensor names to tensors)")
+    return sd
+
+
+def _meta_shard_files(path: Path) -> list[Path]:
+    found = sorted((int(m[1]), p) for p in path.iterdir() if (m := _META_SHARD.fullmatch(p.name)))
+    if [i for i, _ in found] != list(range(len(found))):
+        raise CheckpointError(f"{path}: model-parallel shards must be consolidated.00.pth .. consolidated.NN.pth "
+                              f"without gaps; found {[p.name for _, p in found] or 'none'}")
+    return [p for _, p in found]
+
+
+# --- reading ---
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The layout of a checkpoint directory: "hf" (config.json + safetensors) or "meta" (params.json + .pth)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found" if not path.exists()
+                              else f"{path}: a checkpoint must be a directory, this is a file")
+    names = sorted(p.name for p in path.iterdir())
+    if HF_CONFIG in names and any(n.endswith(".safetensors") or n == HF_INDEX for n in names):
+        return "hf"
+    if META_PARAMS in names and any(_META_SHARD.fullmatch(n) for n in names):
+        return "meta"
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} entries)" if len(names) > 20 else "")
+    raise CheckpointError(f"{path}: not a LLaMA checkpoint; expected config.json + *.safetensors (Hugging Face) or "
+                          f"params.json + consolidated.NN.pth (Meta), found: {shown or 'an empty directory'}")
+
+
+def _resolve_format(path: Path, format: str) -> str:
+    if format not in ("auto", "hf", "meta"):
+        raise ValueError(f"format must be 'auto', 'hf' or 'meta', got {format!r}")
+    return detect_format(path) if format == "auto" else format
+
+
+def load_config(path: str | os.PathLike, format: str = "auto") -> LlamaConfig:
+    path = Path(path)
+    format = _resolve_format(path, format)
+    file = path / (HF_CONFIG if format == "hf" else META_PARAMS)
+    params = _read_json(file)
+    try:
+        if format == "hf":
+            return LlamaConfig.from_hf(params)
+        vocab_size = None
+        if params.get("vocab_size", -1) <= 0:  # the original releases store -1: read it off the embedding
+            shard0 = _meta_shard_files(path)[0]
+            if "tok_embeddings.weight" not in (sd := _torch_load(shard0)):
+                raise CheckpointError(f"{shard0}: tensor 'tok_embeddings.weight' not found")
+            vocab_size = sd["tok_embeddings.weight"].shape[0]
+        return LlamaConfig.from_meta(params, vocab_size=vocab_size)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _hf_files(path: Path) -> list[tuple[Path, list[str] | None]]:
+    """The safetensors files and the tensors the index places in each (None: all, for a single file)."""
+    if (index := path / HF_INDEX).is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        if missing := sorted(f for f in by_file if not (path / f).is_file()):
+            raise CheckpointError(f"{index}: shard file(s) listed in the index not found: {', '.join(missing)}")
+        files = [(path / f, by_file[f]) for f in sorted(by_file)]
+    elif (path / HF_SINGLE).is_file():
+        files = [(path / HF_SINGLE, None)]
+    else:
+        raise CheckpointError(f"{path}: neither {HF_SINGLE} nor {HF_INDEX} found")
+    return files
+
+
+def _hf_tensors(files: list[tuple[Path, list[str] | None]]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for file, names in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                keys = getattr(f, "offset_keys", f.keys)()  # file order where available
+                if names is not None and (absent := sorted(set(names) - set(keys))):
+                    raise CheckpointError(f"{file}: tensor(s) the index places in this file are missing: {absent}")
+                wanted = set(keys if names is None else names)
+                for name in (k for k in keys if k in wanted):
+                    yield name, f.get_tensor(name), file
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _meta_tensors(files: list[Path], shards: list[dict], config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    to_ours = {meta: (ours, dim) for ours, (meta, dim) in meta_names(config.n_layers).items()}
+    for name in shards[0]:
+        if _IGNORED.search(name):
+            continue
+        for file, sd in zip(files[1:], shards[1:]):
+            if name not in sd:
+                raise CheckpointError(f"{file}: tensor {name!r} (present in {files[0].name}) is missing")
+        ours, dim = to_ours.get(name, (name, None))  # an unknown name passes through: load_model reports it
+        try:
+            w = shards[0][name] if dim is None or len(shards) == 1 else torch.cat([sd[name] for sd in shards], dim)
+        except RuntimeError:
+            shapes = ", ".join(f"{f.name}: {tuple(sd[name].shape)}" for f, sd in zip(files, shards))
+            raise CheckpointError(f"{files[0].parent}: the shards of tensor {name!r} do not fit together ({shapes})") from None
+        heads = _rotary_heads(ours, config)
+        if heads is not None and w.dim() == 2 and w.shape[0] == heads * config.head_dim:  # else: misshapen, and
+            w = permute_meta_to_hf(w, heads)  # load_model reports it
+        yield ours, w, files[0]
+    for file, sd in zip(files[1:], shards[1:]):
+        if extra := sorted(set(sd) - set(shards[0])):
+            raise CheckpointError(f"{file}: tensor(s) not in {files[0].name}: {extra}")
+
+
+def _iter_tensors(path, format, config) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file); the files are found and opened here, before the first tensor is asked for."""
+    path = Path(path)
+    if _resolve_format(path, format) == "hf":
+        return _hf_tensors(_hf_files(path))
+    files = _meta_shard_files(path)
+    shards = [_torch_load(f) for f in files]  # memory-mapped: nothing is read until a tensor is used
+    return _meta_tensors(files, shards, config or load_config(path, "meta"))
+
+
+def iter_checkpoint_tensors(path: str | os.PathLike, format: str = "auto", *,
+                            config: LlamaConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs in our names and rotary layout, in the stored dtype, one tensor at a time.
+
+    Hugging Face files are read shard file by shard file; Meta tensors are merged across the model-parallel
+    files (all memory-mapped) one tensor at a time. Stale buffers (rotary inv_freq, rope.freqs) are skipped.
+    """
+    for name, tensor, _ in _iter_tensors(path, format, config):
+        if not _IGNORED.search(name):
+            yield name, tensor
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device="cpu",
+               format: str = "auto", config: LlamaConfig | None = None) -> Transformer:
+    """A Transformer with the checkpoint's weights, in eval mode (call .train() to train).
+
+    The model is built on the meta device and allocated once, directly in `dtype` on `device`; the checkpoint
+    is streamed into it tensor by tensor. Every missing, unexpected or misshapen tensor is reported at once.
+    """
+    path, dtype = Path(path), resolve_dtype(dtype) or torch.float32
+    format = _resolve_format(path, format)
+    config = config or load_config(path, format)
+    tensors = _iter_tensors(path, format, config)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device=device)
+    params, seen, problems = model.state_dict(), set(), []
+    with torch.no_grad():
+        for name, tensor, file in tensors:
+            if _IGNORED.search(name):
+                continue
+            if name not in params or name in seen:
+                problems.append(f"{'unexpected' if name not in params else 'duplicate'} tensor {name!r} in {file}")
+            elif tensor.shape != params[name].shape:
+                problems.append(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
+                                f"the model expects {tuple(params[name].shape)}")
+            else:
+                params[name].copy_(tensor)
+            seen.add(name)
+    if missing := [n for n in params if n not in seen]:
+        problems.insert(0, f"missing tensor(s): {', '.join(missing)}")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the model config: " + "; ".join(problems))
+    return model.eval()
+
+
+# --- writing ---
+
+def _state_dict(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig,
+                out_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors to save, checked against `config` (names and shapes), in the model's order."""
+    sd = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    sd = {k: v for k, v in sd.items() if not _IGNORED.search(k)}
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+    problems = [f"unexpected tensor {k!r}" for k in sd if k not in expected]
+    if missing := [k for k in expected if k not in sd]:
+        problems.insert(0, f"missing tensor(s): {', '.join(missing)}")
+    problems += [f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config expects {tuple(s)}"
+                 for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if problems:
+        raise CheckpointError(f"{out_dir}: cannot save, the weights do not match the config: " + "; ".join(problems))
+    return {k: sd[k] for k in expected}
+
+
+@contextmanager
+def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory next to `out_dir` that replaces it only once the body has completed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        try:
+            detect_format(out_dir)
+        except CheckpointError:  # never wipe a directory that holds something else
+            raise CheckpointError(f"{out_dir}: exists, is not empty and is not a checkpoint; refusing to replace "
+                                  f"it") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out_dir.with_name(f".{out_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                for kind in ("tmp", "old"))
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the checkpoint
+    try:
+        yield tmp
+        if out_dir.exists():
+            os.replace(out_dir, old)  # POSIX cannot swap two directories in one step; this is the nearest
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_extra(tmp: Path, extra_files: Mapping[str, str | os.PathLike | bytes] | None) -> None:
+    for name, source in (extra_files or {}).items():
+        if isinstance(source, bytes):
+            (tmp / name).write_bytes(source)
+        else:
+            shutil.copyfile(source, tmp / name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_hf(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig, out_dir: str | os.PathLike, *,
+            dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
+            extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+    """Write a Hugging Face checkpoint: config.json, generation_config.json and model.safetensors, or
+    model-0000i-of-0000N.safetensors + model.safetensors.index.json beyond `max_shard_size` bytes per file.
+
+    dtype: None keeps each tensor's dtype. extra_files: {name in out_dir: source path to copy, or bytes}.
+    The directory appears (or replaces a previous checkpoint) only when complete.
+    """
+    out_dir, dtype, limit = Path(out_dir), resolve_dtype(dtype), parse_size(max_shard_size)
+    sd = _state_dict(source, config, out_dir)
+    nbytes = {k: v.numel() * (dtype or v.dtype).itemsize for k, v in sd.items()}
+    shards: list[list[str]] = [[]]
+    for name in sd:  # greedy, in order, as transformers does; a tensor larger than the limit gets its own file
+        if shards[-1] and sum(nbytes[k] for k in shards[-1]) + nbytes[name] > limit:
+            shards.append([])
+        shards[-1].append(name)
+    files = [HF_SINGLE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with _atomic_dir(out_dir) as tmp:
+        for file, names in zip(files, shards):
+            tensors = {k: sd[k].detach().to("cpu", dtype or sd[k].dtype).contiguous() for k in names}
+            save_file(tensors, tmp / file, metadata={"format": "pt"})
+            del tensors
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(nbytes.values())},
+                     "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
+            (tmp / HF_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        hf = config.to_hf(_dtype_name(dtype or sd["model.embed_tokens.weight"].dtype))
+        (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        generation = {"bos_token_id": 1, "eos_token_id": 2}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _write_extra(tmp, extra_files)
+    return out_dir
+
+
+def _meta_params(config: LlamaConfig) -> dict:
+    try:
+        return config.to_meta()
+    except ValueError:  # from config.json, multiple_of is unknown: choose values giving the same hidden_dim
+        base = int(2 * (4 * config.dim) / 3)
+        return config.replace(multiple_of=config.hidden_dim, hidden_dim=config.hidden_dim,
+                              ffn_dim_multiplier=config.hidden_dim / base if config.hidden_dim < base else None
+                              ).to_meta()
+
+
+def save_meta(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig, out_dir: str | os.PathLike, *,
+              num_shards: int = 1, dtype: torch.dtype | str | None = None,
+              extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+    """Write Meta's layout: params.json + consolidated.00.pth .. consolidated.NN.pth, split for `num_shards`-way
+    model parallelism as fairscale's Parallel{Embedding,Column,Row} layers hold it, q/k in Meta's rotary layout.
+    """
+    out_dir, dtype = Path(out_dir), resolve_dtype(dtype)
+    sd = _state_dict(source, config, out_dir)
+    sizes = {"dim": config.dim, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+             "hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
+    if not isinstance(num_shards, int) or num_shards < 1 or any(v % num_shards for v in sizes.values()):
+        raise ValueError(f"num_shards must be a positive integer dividing each of "
+                         f"{', '.join(f'{k} ({v})' for k, v in sizes.items())}; got {num_shards!r}")
+    params, names = _meta_params(config), meta_names(config.n_layers)
+    with _atomic_dir(out_dir) as tmp:
+        for shard in range(num_shards):  # one shard's slices in memory at a time
+            tensors = {}
+            for name, w in sd.items():
+                meta, dim = names[name]
+                w = w.detach().to("cpu", dtype or w.dtype)
+                if (heads := _rotary_heads(name, config)) is not None:
+                    w = permute_hf_to_meta(w, heads)
+                # clone: torch.save writes a view's whole storage
+                tensors[meta] = (w if dim is None else w.chunk(num_shards, dim)[shard]).clone()
+            torch.save(tensors, tmp / f"consolidated.{shard:02d}.pth")
+            del tensors
+        (tmp / META_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
+        _write_extra(tmp, extra_files)
+    return out_dir
+
+
+def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: str, num_shards: int = 1,
+            dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB") -> Path:
+    """Rewrite a checkpoint (either layout) as `to` ("hf" or "meta"), copying tokenizer.model along.
+
+    The tensors are held once in memory (in the stored dtype; memory-mapped where the input allows).
+    """
+    if to not in ("hf", "meta"):
+        raise ValueError(f"to must be 'hf' or 'meta', got {to!r}")
+    input_dir = Path(input_dir)
+    config = load_config(input_dir)
+    sd = dict(iter_checkpoint_tensors(input_dir, config=config))
+    extra = {"tokenizer.model": input_dir / "tokenizer.model"} if (input_dir / "tokenizer.model").is_file() else {}
+    if to == "hf":
+        return save_hf(sd, config, output_dir, dtype=dtype, max_shard_size=max_shard_size, extra_files=extra)
+    return save_meta(sd, config, output_dir, num_shards=num_shards, dtype=dtype, extra_files=extra)

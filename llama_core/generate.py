@@ -1,0 +1,126 @@
+"""Batched autoregressive generation with a KV cache: greedy, or sampling with temperature, top-k and top-p.
+
+The model is used as it is: call `model.eval()` first (dropout-free LLaMA gives the same results either way, but
+adapters with dropout do not). Prompts of different lengths are left-padded and masked, and their rotary positions
+start at 0, so a prompt generates the same tokens alone or in a batch (up to floating-point rounding).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, vocab): argmax if temperature == 0, else a draw from the softmax of
+    logits / temperature restricted to the `top_k` most likely tokens (0: all) and to the smallest set whose
+    probability reaches `top_p` (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens more likely than it already reach top_p (the most likely one always stays).
+        sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
+                    stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
+                    tokenizer=None) -> Iterator[list[list[int]]]:
+    """Yield, at each decoding step, the tokens of each row that became final at that step (often none or one).
+
+    The concatenation of a row's yields is what `generate` returns for it. A row ends at `eos_id` (not returned), at
+    the first occurrence of a `stop` string in its decoded continuation (`tokenizer` required), after
+    `max_new_tokens`, or when prompt + new tokens reach `model.config.max_seq_len`. With stop strings, tokens are held
+    back while the text ends with the start of a stop string or an incomplete UTF-8 character, and a row that stops
+    returns the longest run of tokens whose text is a prefix of the text before the stop string: that text exactly,
+    unless the stop string starts inside a token, which is then dropped too.
+    """
+    stop = [s for s in (stop or []) if s]
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated tokens")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token (e.g. bos)")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"invalid generation settings: max_new_tokens={max_new_tokens} (>= 0), temperature="
+                         f"{temperature} (>= 0), top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
+    B, lengths, limit = len(prompts), [len(p) for p in prompts], model.config.max_seq_len
+    L = max(lengths)
+    if L > limit:
+        raise ValueError(f"a prompt has {L} tokens, more than the model's max_seq_len of {limit}")
+    steps = min(max_new_tokens, limit - L)
+    if steps == 0:
+        return
+    device = next(model.parameters()).device
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.ones(B, L + steps, dtype=torch.long)  # over prompt and new tokens: 0 at the left padding
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, :L - len(p)] = 0
+    tokens, mask = tokens.to(device), mask.to(device)
+    positions = (mask[:, :L].cumsum(dim=1) - 1).clamp(min=0)
+    cache = model.make_cache(B, L + steps - 1)  # the last token is never fed back
+    logits = model(tokens, position_ids=positions, attention_mask=mask[:, :L], cache=cache)[:, -1]
+    new: list[list[int]] = [[] for _ in range(B)]
+    released, done = [0] * B, [False] * B
+    for step in range(steps):
+        next_tokens = sample(logits, temperature, top_k, top_p, generator)
+        out: list[list[int]] = [[] for _ in range(B)]
+        for i, t in enumerate(next_tokens.tolist()):
+            if done[i]:
+                continue
+            if t == eos_id:
+                done[i] = True
+            else:
+                new[i].append(t)
+            end = len(new[i]) if not stop or done[i] else _stop_check(tokenizer, new[i], stop)
+            if end < 0:  # a stop string: keep what precedes it
+                done[i], end = True, -end - 1
+            out[i], released[i] = new[i][released[i]:end], max(released[i], end)
+        if step == steps - 1 or all(done):
+            # Rows cut short by the length limit release what they held back.
+            yield [o + ([] if done[i] else new[i][released[i]:]) for i, o in enumerate(out)]
+            return
+        yield out
+        logits = model(next_tokens[:, None], position_ids=positions[:, -1:] + step + 1,
+                       attention_mask=mask[:, :L + step + 1], cache=cache)[:, -1]
+
+
+def _stop_check(tokenizer, tokens: list[int], stop: list[str]) -> int:
+    """-(n + 1) if the text contains a stop string and tokens[:n] is the part before it; else the number of leading
+    tokens whose text can no longer become part of a stop string."""
+    text = tokenizer.decode(tokens, continuation=True)
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        safe = min(hits)
+    else:  # hold back a tail that may be the start of a stop string, or a character still missing bytes
+        safe = len(text.rstrip("\ufffd"))
+        held = max((k for s in stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        safe -= held
+    n = len(tokens)
+    while n and not text[:safe].startswith(tokenizer.decode(tokens[:n], continuation=True)):
+        n -= 1
+    return -(n + 1) if hits else n
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
+             stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
+             tokenizer=None) -> list[list[int]]:
+    """The new tokens of each prompt, without eos and stop strings: see `stream_generate`."""
+    result: list[list[int]] = [[] for _ in prompts]
+    for step in stream_generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, eos_id=eos_id, pad_id=pad_id, stop=stop,
+                                generator=generator, tokenizer=tokenizer):
+        for row, toks in zip(result, step):
+            row.extend(toks)
+    return result

@@ -1,0 +1,269 @@
+"""The LLaMA decoder (Touvron et al., 2023): pre-norm RMSNorm, SwiGLU, rotary embeddings, no biases.
+
+Parameter names and the rotary layout are those of Hugging Face's `LlamaForCausalLM`, so its checkpoints load
+unchanged and PEFT adapters name the same modules (`model.layers.0.self_attn.q_proj`, ...).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 whatever the compute dtype, as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of each position's rotation angles, (B, T, head_dim), in HF's half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_heads, T, head_dim); cos, sin: (B, T, head_dim). Rotates pairs (i, i + head_dim/2).
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of all layers for incremental decoding; `length` slots are filled."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions for a cache of {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv_heads, S, head_dim), S = cached + T
+        # mask: None means plain causal (or, for a single new token, attend to everything cached).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
+
+    The gradients are computed in the forward pass, chunk by chunk, so neither the (tokens x vocab) logits nor
+    their softmax ever exist whole; the backward pass only scales them by the incoming gradient. This costs no
+    extra matrix products compared with materializing the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int, need_h: bool, need_w: bool):
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (hc @ weight.t()).float()  # (n, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # d(sum of CE)/d(logits) = softmax - one_hot(target), computed in place over the logits.
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            if need_h:
+                grad_h[start:start + chunk_size] = g.to(h.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(g.t(), hc.float())
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None, None)
+
+
+class LMHead(nn.Linear):
+    """The output projection. With `targets` it returns the summed cross-entropy, computed in chunks."""
+
+    chunk_size = 1024  # rows per chunk; the largest temporary is chunk_size x vocab_size fp32 values
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)
+        need_h = torch.is_grad_enabled() and h.requires_grad
+        need_w = torch.is_grad_enabled() and self.weight.requires_grad
+        if need_h or need_w:
+            return _ChunkedCrossEntropy.apply(h, self.weight, targets, self.chunk_size, need_h, need_w)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], self.chunk_size):
+            logits = super().forward(h[start:start + self.chunk_size]).float()
+            loss += F.cross_entropy(logits, targets[start:start + self.chunk_size], reduction="sum")
+        return loss
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+            layers=nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers)),
+            norm=RMSNorm(config.dim, config.norm_eps),
+        ))
+        self.lm_head = LMHead(config.dim, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab), or with `labels` the next-token loss.
+
+        labels: (B, T) aligned with input_ids (shifted inside, as in transformers); IGNORE_INDEX is not trained.
+        reduction: "mean" over the trained tokens, or "sum" (divide by `count_targets(labels)` yourself: gradient
+            accumulation normalizes by the tokens of the whole accumulation window).
+        position_ids: (B, T). Without a cache, a position that does not follow its predecessor by one starts a new
+            document: packed rows attend within each document only (block-diagonal causal mask).
+        attention_mask: (B, S) 1 for real tokens, 0 for padding, over all S = cached + T key positions.
+        cache: a KVCache; its `length` slots are attended to and the new keys/values appended.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            packed = False
+        else:
+            packed = cache is None
+        h = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        mask = attention_mask_for(position_ids if packed else None, attention_mask, start, T, input_ids.device)
+        for i, layer in enumerate(self.model.layers):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        h = self.model.norm(h)
+        if labels is None:
+            return self.lm_head(h)
+        # Position t predicts token t+1; only rows with a target go through the output projection.
+        targets = labels[:, 1:].reshape(-1)
+        keep = targets != IGNORE_INDEX
+        loss = self.lm_head(h[:, :-1].reshape(-1, h.shape[-1])[keep], targets[keep])
+        if reduction == "sum":
+            return loss
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return loss / keep.sum().clamp(min=1)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None, std: float = 0.02) -> None:
+        """Random initialization (normal(0, std) linears and embeddings, unit norms), repeatable with `seed`."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Number of trained tokens in `labels` (after the shift): the denominator of the mean loss."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def attention_mask_for(position_ids, attention_mask, start: int, T: int, device):
+    """A boolean (B, 1, T, S) mask, True where a query may attend to a key, or None for plain causal attention."""
+    if position_ids is None and attention_mask is None:
+        return None if start == 0 or T == 1 else _causal(start, T, device)[None, None]
+    if position_ids is not None:  # packed documents: a new one starts wherever the positions do not continue
+        new_doc = torch.ones_like(position_ids, dtype=torch.bool)
+        new_doc[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        doc = new_doc.cumsum(dim=1)  # (B, T)
+        mask = (doc[:, :, None] == doc[:, None, :]) & _causal(0, T, device)
+    else:
+        mask = _causal(start, T, device).expand(attention_mask.shape[0], T, start + T)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, :].bool()
+        # A padding query with no visible key would give NaN; let every query see itself.
+        queries = torch.arange(start, start + T, device=device)
+        mask = mask | (queries[:, None] == torch.arange(start + T, device=device)[None, :])
+    return mask[:, None]
+
+
+def _causal(start: int, T: int, device) -> torch.Tensor:
+    """(T, start + T): query i (absolute position start + i) sees keys 0 .. start + i."""
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
