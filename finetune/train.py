@@ -78,10 +78,7 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
         raise UserError(f"checkpoint.resume: never, but {ckpt_root} holds checkpoints of an earlier run; "
                         f"choose a new output_dir or delete them")
 
-    base = build_model(recipe, tokenizer, device, precision.weights if t.method == "lora" else torch.float32)
-    if t.quantize:
-        quantize_base_4bit(base, device)
-    engine = engine_factory(recipe, base, precision, device)
+    engine = engine_factory(recipe, tokenizer, precision, device)
     plan = _plan(recipe, len(data.train), engine.world_size)
 
     state = State()
@@ -96,7 +93,7 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
     log = RunLog(out, plan.total_steps, every=recipe.logging.every_steps, tensorboard=recipe.logging.tensorboard,
                  progress=recipe.logging.progress, enabled=engine.is_main, start_step=state.step)
     log.message(_describe_data(data.stats))
-    log.message(f"model: {base.num_parameters():,} parameters, {_count_trainable(engine.module):,} trained "
+    log.message(f"model: {engine.num_parameters:,} parameters, {_count_trainable(engine):,} trained "
                 f"({t.method}, {precision.name}, {device.type}); {plan.total_steps} steps of "
                 f"{plan.rows_per_step} rows x {recipe.data.max_seq_len} tokens at most")
     if resume_from:
@@ -215,7 +212,12 @@ def _finish(recipe, engine, data, tokenizer, template, plan, state, log) -> dict
 
 # --- helpers ----------------------------------------------------------------------------------------------------
 
-def _local_engine(recipe: Recipe, base, precision, device):
+def _local_engine(recipe: Recipe, tokenizer, precision, device):
+    base = build_model(recipe, tokenizer, device,
+                       precision.weights if recipe.training.method == "lora" else torch.float32)
+    if recipe.training.quantize:
+        quantize_base_4bit(base, device)
+    num_parameters = base.num_parameters()
     module = base
     if recipe.training.method == "lora":
         module = add_lora(base, recipe, _base_path(recipe))
@@ -223,7 +225,9 @@ def _local_engine(recipe: Recipe, base, precision, device):
         for p in base.parameters():
             p.requires_grad_(True)
     optimizer = make_optimizer(module, recipe, device)
-    return SingleDeviceRun(module, base, optimizer, precision, device, recipe.training.grad_clip)
+    engine = SingleDeviceRun(module, base, optimizer, precision, device, recipe.training.grad_clip)
+    engine.num_parameters = num_parameters
+    return engine
 
 
 class SingleDeviceRun(LocalEngine):
@@ -265,8 +269,8 @@ def _base_path(recipe: Recipe) -> str:
     return os.path.abspath(os.path.join(recipe.output_dir, "base"))
 
 
-def _count_trainable(module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def _count_trainable(engine) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.trainable().values())
 
 
 def _start_output(recipe: Recipe, out: str) -> None:
@@ -351,7 +355,7 @@ def _evaluate(recipe, engine, data, tokenizer, template, step: int, log: RunLog)
 
 
 def _save(recipe, engine, state: State, root: str) -> str:
-    payload = {"state": state.__dict__, "recipe": recipe_to_dict(recipe)}
+    payload = {"state": state.__dict__, "world_size": engine.world_size, "recipe": recipe_to_dict(recipe)}
     return save_checkpoint(root, state.step, engine.save, payload, recipe.checkpoint.keep_last,
                            is_main=engine.is_main, barrier=engine.barrier)
 

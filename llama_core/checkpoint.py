@@ -203,7 +203,8 @@ def _hf_tensors(files: list[tuple[Path, list[str] | None]]) -> Iterator[tuple[st
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _meta_tensors(files: list[Path], shards: list[dict], config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def _meta_tensors(files: list[Path], shards: list[dict[str, torch.Tensor]],
+                  config: LlamaConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
     to_ours = {meta: (ours, dim) for ours, (meta, dim) in meta_names(config.n_layers).items()}
     for name in shards[0]:
         if _IGNORED.search(name):
@@ -216,7 +217,8 @@ def _meta_tensors(files: list[Path], shards: list[dict], config: LlamaConfig) ->
             w = shards[0][name] if dim is None or len(shards) == 1 else torch.cat([sd[name] for sd in shards], dim)
         except RuntimeError:
             shapes = ", ".join(f"{f.name}: {tuple(sd[name].shape)}" for f, sd in zip(files, shards))
-            raise CheckpointError(f"{files[0].parent}: the shards of tensor {name!r} do not fit together ({shapes})") from None
+            raise CheckpointError(f"{files[0].parent}: the shards of tensor {name!r} do not fit together "
+                                  f"({shapes})") from None
         heads = _rotary_heads(ours, config)
         if heads is not None and w.dim() == 2 and w.shape[0] == heads * config.head_dim:  # else: misshapen, and
             w = permute_meta_to_hf(w, heads)  # load_model reports it
@@ -242,10 +244,9 @@ def iter_checkpoint_tensors(path: str | os.PathLike, format: str = "auto", *,
 
     Hugging Face files are read shard file by shard file; Meta tensors are merged across the model-parallel
     files (all memory-mapped) one tensor at a time. Stale buffers (rotary inv_freq, rope.freqs) are skipped.
+    Missing or unreadable files raise here, before the first tensor.
     """
-    for name, tensor, _ in _iter_tensors(path, format, config):
-        if not _IGNORED.search(name):
-            yield name, tensor
+    return ((name, tensor) for name, tensor, _ in _iter_tensors(path, format, config) if not _IGNORED.search(name))
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device="cpu",
@@ -341,10 +342,6 @@ def _write_extra(tmp: Path, extra_files: Mapping[str, str | os.PathLike | bytes]
             shutil.copyfile(source, tmp / name)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def save_hf(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig, out_dir: str | os.PathLike, *,
             dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
             extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
@@ -357,11 +354,12 @@ def save_hf(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig,
     out_dir, dtype, limit = Path(out_dir), resolve_dtype(dtype), parse_size(max_shard_size)
     sd = _state_dict(source, config, out_dir)
     nbytes = {k: v.numel() * (dtype or v.dtype).itemsize for k, v in sd.items()}
-    shards: list[list[str]] = [[]]
+    shards, size = [[]], 0
     for name in sd:  # greedy, in order, as transformers does; a tensor larger than the limit gets its own file
-        if shards[-1] and sum(nbytes[k] for k in shards[-1]) + nbytes[name] > limit:
-            shards.append([])
+        if shards[-1] and size + nbytes[name] > limit:
+            shards, size = shards + [[]], 0
         shards[-1].append(name)
+        size += nbytes[name]
     files = [HF_SINGLE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with _atomic_dir(out_dir) as tmp:
@@ -373,7 +371,7 @@ def save_hf(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig,
             index = {"metadata": {"total_size": sum(nbytes.values())},
                      "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        hf = config.to_hf(_dtype_name(dtype or sd["model.embed_tokens.weight"].dtype))
+        hf = config.to_hf(str(dtype or sd["model.embed_tokens.weight"].dtype).removeprefix("torch."))
         (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
         generation = {"bos_token_id": 1, "eos_token_id": 2}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -124,9 +124,18 @@ class LlamaConfig:
             params["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.rope_theta != 10000.0:
             params["rope_theta"] = self.rope_theta
-        if LlamaConfig(**{**params, "vocab_size": self.vocab_size}).hidden_dim != self.hidden_dim:
-            raise ValueError(f"hidden_dim {self.hidden_dim} cannot be expressed in Meta's params.json "
-                             f"(multiple_of/ffn_dim_multiplier give a different size)")
+        if LlamaConfig(**params).hidden_dim != self.hidden_dim:
+            # Read from a config.json, multiple_of is unknown: find settings of Meta's formula giving hidden_dim.
+            params.pop("ffn_dim_multiplier", None)
+            for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1, self.hidden_dim):
+                if LlamaConfig(**{**params, "multiple_of": multiple_of}).hidden_dim == self.hidden_dim:
+                    params["multiple_of"] = multiple_of
+                    break
+            else:  # smaller than 8*dim/3: a multiplier below 1 and rounding to the size itself
+                base = int(2 * (4 * self.dim) / 3)
+                params.update(multiple_of=self.hidden_dim, ffn_dim_multiplier=self.hidden_dim / base)
+            if LlamaConfig(**params).hidden_dim != self.hidden_dim:
+                raise ValueError(f"hidden_dim {self.hidden_dim} cannot be expressed in Meta's params.json")
         return params
 
     @classmethod

@@ -234,10 +234,14 @@ class Transformer(nn.Module):
         """Random initialization (normal(0, std) linears and embeddings, unit norms), repeatable with `seed`."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            p.copy_(initial_value(name, p.shape, generator, std))
+
+
+def initial_value(name: str, shape, generator: torch.Generator | None, std: float = 0.02) -> torch.Tensor:
+    """The initial value of one parameter (fp32, CPU); called in `named_parameters` order it is repeatable."""
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return torch.ones(shape)
+    return torch.randn(shape, generator=generator) * std
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:

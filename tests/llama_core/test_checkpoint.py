@@ -261,6 +261,8 @@ def test_missing_shard_listed_in_index(tiny_model, tmp_path):
     second.unlink()
     with pytest.raises(CheckpointError, match=f"index.json: shard file.*not found: {second.name}"):
         load_model(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=second.name):  # at the call, before any tensor is read
+        ck.iter_checkpoint_tensors(tmp_path / "ckpt")
 
 
 class Payload:
