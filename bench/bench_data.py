@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.data import build_datasets, format_stats  # noqa: E402
+from finetune.data import build_datasets  # noqa: E402
 from finetune.recipe import DataSection, DatasetSection  # noqa: E402
 from finetune.templates import load_template  # noqa: E402
 from llama_core.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -68,14 +69,21 @@ def main() -> None:
             print(f"tokenizer: {args.vocab_size} pieces trained in {time.perf_counter() - t:.1f} s (not timed)")
         cfg = DataSection(max_seq_len=args.max_seq_len, packing=True, num_proc=args.num_proc,
                           cache_dir=str(Path(tmp, "cache")))
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_seconds()
         prepared = build_datasets(cfg, [DatasetSection(path=str(path))], load_template(args.template), tokenizer)
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
         s = prepared.stats
-        print(format_stats(s, args.max_seq_len))
+        print(s.describe())
         print(f"{args.rows} rows in {elapsed:.1f} s: {args.rows / elapsed:,.0f} rows/s, "
               f"{s.train_tokens / elapsed:,.0f} tokens/s, packing efficiency {s.packing_efficiency:.1%} "
-              f"(num_proc {args.num_proc}, max_seq_len {args.max_seq_len})")
+              f"(num_proc {args.num_proc}, max_seq_len {args.max_seq_len}; {cpu:.1f} CPU-seconds, so other load "
+              f"on the machine shows)")
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (datasets' worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":

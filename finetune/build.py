@@ -105,9 +105,9 @@ def add_lora(model: Transformer, recipe: Recipe, base_path: str | None):
 
     lora = recipe.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora_targets(recipe), use_dora=lora.dora, bias="none",
-                        base_model_name_or_path=base_path)
+                        target_modules=lora_targets(recipe), use_dora=lora.dora, bias="none")
     peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_path  # where `finetune merge` finds the base
     # The adapter we write is a transformers causal-LM adapter: PeftModel.from_pretrained on LlamaForCausalLM
     # reads it. (Wrapping our model as CAUSAL_LM would require transformers' generation API.)
     peft_model.peft_config["default"].task_type = "CAUSAL_LM"
@@ -148,3 +148,13 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device)
     t = recipe.training
     return torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                              fused=device.type == "cuda" or None)
+
+
+def load_adapter(model: Transformer, adapter_dir: str, *, trainable: bool = False):
+    """A PEFT adapter directory applied to our model (the adapter says CAUSAL_LM for transformers' sake; on our
+    model it loads as a plain PeftModel, which needs no generation API)."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.task_type = None
+    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=trainable)

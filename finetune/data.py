@@ -17,12 +17,16 @@
   mix         weight w = a sampling multiplier on the dataset's size: int(w) copies of every example plus a seeded
               sample without replacement of round(frac(w) * n) more. weight 0.5 uses half the rows, 3 uses each
               three times. The mixture is shuffled with the seed.
-  pack        trl's `pack_dataset` (best-fit decreasing) into rows of max_seq_len; examples are never split.
-              position_ids restart at 0 for each example (block-diagonal attention in the model).
-The result is cached under `cache_dir/<key>`, the key hashing every input that changes it (see `_cache_key`).
+  pack        trl's `pack_dataset` (best-fit decreasing, within chunks of 10,000 examples) into rows of at most
+              max_seq_len; examples are never split. position_ids restart at 0 for each example, which makes the
+              model's attention block-diagonal. Unpacked: one example per row.
+Validation = the explicit `data.validation` datasets plus the held-out fractions, unweighted, packed like training.
+The result is cached under `cache_dir/<key>` (default ~/.cache/llama-finetune/data), the key hashing every input
+that changes it (see `_cache_key`), and is returned memory-mapped from there.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -38,8 +42,7 @@ import pyarrow.compute as pc
 import torch
 
 import datasets
-from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
-from trl import pack_dataset
+from datasets import Dataset, Features, Sequence, Value
 
 from llama_core.model import IGNORE_INDEX
 
@@ -47,16 +50,14 @@ from .errors import DataError
 from .recipe import DataSection, DatasetSection
 from .templates import Template, encode_segments, Segment
 
-CACHE_VERSION = 1
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 KEPT, TRUNCATED, DROPPED, BAD = 0, 1, 2, 3
 N_VALIDATION_EXAMPLES = 128
-_TOKENIZED = Features({
-    "messages": [{"role": Value("string"), "content": Value("string"), "input": Value("string")}],
-    "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "_key": Value("string"),
-    "_error": Value("string"), "_status": Value("int8"), "_trained": Value("int32")})
+_TOKENIZED = Features({  # the messages are kept as JSON (for validation_examples), the key is their hash
+    "messages": Value("string"), "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+    "_key": Value("string"), "_error": Value("string"), "_status": Value("int8"), "_trained": Value("int32")})
 
 
 @dataclass
@@ -82,10 +83,28 @@ class DataStats:
     train_tokens: int = 0
     train_trained_tokens: int = 0
     packing_efficiency: float = 0.0  # real tokens / (rows * max_seq_len)
+    max_seq_len: int = 0
     validation_examples: int = 0
     validation_rows: int = 0
     cache_hit: bool = False
     cache_path: str = ""
+
+    def describe(self) -> str:
+        """A few lines for logs and `finetune preprocess`."""
+        lines = []
+        for title, group in (("train", self.datasets), ("validation", self.validation)):
+            for name, s in group.items():
+                lines.append(f"{title} {name}: {s.rows_read} rows read, {s.bad_rows_skipped} bad skipped, "
+                             f"{s.duplicates_removed} duplicates, overlong {s.overlong_dropped} dropped / "
+                             f"{s.overlong_truncated} truncated, {s.examples} kept"
+                             + (f", {s.held_out} held out, {s.train_examples} in the mix" if title == "train" else ""))
+        lines.append(f"train: {self.train_examples} examples, {self.train_tokens} tokens ({self.train_trained_tokens} "
+                     f"trained) in {self.train_rows} rows of up to {self.max_seq_len}, packing efficiency "
+                     f"{self.packing_efficiency:.1%}")
+        if self.validation_examples:
+            lines.append(f"validation: {self.validation_examples} examples in {self.validation_rows} rows")
+        lines.append(f"tokenized data cache: {'hit' if self.cache_hit else 'stored'} {self.cache_path}")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -93,7 +112,7 @@ class PreparedData:
     train: Dataset                      # columns input_ids, labels, position_ids (list[int], <= max_seq_len)
     validation: Dataset | None
     stats: DataStats
-    validation_examples: list[list[dict]]  # held-out conversations (messages ending with the answer)
+    validation_examples: list[dict]  # up to 128 held-out {"messages": [...]}, ending with the reference answer
 
 
 class _Bad(Exception):
@@ -138,17 +157,20 @@ def _identity(kind: str, source) -> object:
 
 
 def _read_json(path: Path) -> tuple[list[str], list[str]]:
-    """Rows of a .jsonl (or JSON array) file as JSON strings, and their locations ("file:line")."""
+    """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, and their locations."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json":
         try:
             items = json.loads(text)
+            if not isinstance(items, list):
+                raise DataError(f"{path}: expected a JSON array of objects or JSON lines, got {type(items).__name__}")
+            return [json.dumps(x) for x in items], [f"{path}, item {i + 1}" for i in range(len(items))]
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        return [json.dumps(x) for x in items], [f"{path}, item {i + 1}" for i in range(len(items))]
+            if e.msg != "Extra data":  # else: JSON lines in a .json file
+                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     rows, where = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -191,7 +213,10 @@ def _load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
             where += w
         ds = Dataset.from_dict({"_json": rows, "_where": where})
     else:
-        extra = {"dtype": str, "keep_default_na": False} if loader == "csv" else {}  # csv cells stay text
+        extra = {}
+        if loader == "csv":  # every cell is text ("007" stays "007"); an empty cell is a missing field
+            with open(files[0], newline="", encoding="utf-8") as f:
+                extra["features"] = Features({c: Value("string") for c in next(csv.reader(f), [])})
         try:
             ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train",
                                        cache_dir=hf_cache, **extra)
@@ -296,10 +321,10 @@ def _process(batch: dict, fmt: str, cols: dict, template: Template, tokenizer, c
             ids, labels, status = encode_example(messages, template, tokenizer, cfg)
         except (_Bad, ValueError) as e:  # ValueError: the template refuses the conversation
             error = f"{where}: {e}"
-        out["messages"].append(messages)
+        out["messages"].append(text := json.dumps(messages, ensure_ascii=False))
         out["input_ids"].append(ids)
         out["labels"].append(labels)
-        out["_key"].append(hashlib.sha1(json.dumps(messages).encode()).hexdigest())
+        out["_key"].append(hashlib.sha1(text.encode()).hexdigest())
         out["_error"].append(error)
         out["_status"].append(status)
         out["_trained"].append(len(labels) - labels.count(IGNORE_INDEX))
@@ -317,7 +342,7 @@ def _tokenize(spec: DatasetSection, raw: Dataset, template, tokenizer, cfg: Data
         raw = raw.select(np.sort(rng.choice(len(raw), spec.max_samples, replace=False)))
     tok = raw.map(_process, batched=True, batch_size=256, remove_columns=raw.column_names, features=_TOKENIZED,
                   fn_kwargs=dict(fmt=spec.format, cols=spec.columns, template=template, tokenizer=tokenizer,
-                                 cfg=cfg), num_proc=cfg.num_proc if len(raw) >= 1000 else None,
+                                 cfg=cfg), num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) >= 1000 else None,
                   keep_in_memory=True, new_fingerprint=fingerprint, desc=f"tokenizing {spec.path}")
     status = np.asarray(tok.with_format("arrow")["_status"])
     bad = np.flatnonzero(status == BAD)
@@ -362,10 +387,19 @@ def _add_positions(batch: pa.Table) -> pa.Table:
     return batch.append_column("position_ids", pa.ListArray.from_arrays(offsets, pa.array(pos, pa.int32())))
 
 
+def _rows(parts: list[tuple[Dataset, np.ndarray]], order: np.ndarray | None = None) -> Dataset:
+    """input_ids and labels of rows `idx` of each tokenized dataset, concatenated, then reordered by `order`."""
+    tables = [ds.data.table.select(["input_ids", "labels"]) for ds, _ in parts]
+    offsets = np.cumsum([0] + [len(t) for t in tables])
+    idx = np.concatenate([i + o for (_, i), o in zip(parts, offsets)]).astype(np.int64)
+    return Dataset(pa.concat_tables(tables).take(idx if order is None else idx[order]))
+
+
 def _finish(ds: Dataset, cfg: DataSection) -> tuple[Dataset, float]:
-    """Training rows (packed or one example each) with position_ids, and the packing efficiency."""
-    ds = ds.select_columns(["input_ids", "labels"]).flatten_indices(keep_in_memory=True)
+    """Training rows (packed, or one example each) with position_ids, and the packing efficiency."""
     if cfg.packing:
+        from trl import pack_dataset  # imports transformers (seconds): only when packing, never on a cache hit
+
         ds = pack_dataset(ds, cfg.max_seq_len, strategy="bfd", map_kwargs={"batch_size": 10_000,
                                                                             "keep_in_memory": True})
     ds = ds.with_format("arrow").map(_add_positions, batched=True, batch_size=10_000, keep_in_memory=True)
@@ -379,14 +413,13 @@ def _name(spec: DatasetSection, names: dict) -> str:
     return name if name not in names else f"{name} #{len(names) + 1}"
 
 
-def _build(cfg: DataSection, specs, val_specs, sources, val_sources, template, tokenizer, hf_cache: str,
-           key: str) -> PreparedData:
-    stats, seen = DataStats(), set()
-    train_parts, val_parts = [], []
-    for i, (spec, src) in enumerate(zip(val_specs, val_sources)):
+def _build(cfg: DataSection, specs, sources, val_sources, template, tokenizer, hf_cache: str, key: str) -> PreparedData:
+    stats, seen = DataStats(max_seq_len=cfg.max_seq_len), set()
+    train_parts, val_parts = [], []  # (tokenized dataset, row indices)
+    for i, (spec, src) in enumerate(zip(cfg.validation, val_sources)):
         st = stats.validation.setdefault(_name(spec, stats.validation), DatasetStats())
-        tok, kept = _tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}v{i}")
-        val_parts.append(tok.select(kept))
+        val_parts.append(_tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen,
+                                   f"{key}v{i}"))
     for i, (spec, src) in enumerate(zip(specs, sources)):
         st = stats.datasets.setdefault(_name(spec, stats.datasets), DatasetStats())
         tok, kept = _tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}t{i}")
@@ -394,7 +427,7 @@ def _build(cfg: DataSection, specs, val_specs, sources, val_sources, template, t
         if cfg.val_fraction > 0 and len(kept) > 1:
             perm = rng.permutation(kept)
             st.held_out = max(1, round(cfg.val_fraction * len(kept)))
-            val_parts.append(tok.select(np.sort(perm[:st.held_out])))
+            val_parts.append((tok, np.sort(perm[:st.held_out])))
             kept = np.sort(perm[st.held_out:])
         whole, frac = divmod(spec.weight, 1)
         extra = np.sort(rng.choice(kept, round(frac * len(kept)), replace=False))
@@ -403,41 +436,41 @@ def _build(cfg: DataSection, specs, val_specs, sources, val_sources, template, t
         st.train_examples = len(idx)
         st.train_tokens = int(lengths[idx].sum())
         st.train_trained_tokens = int(np.asarray(tok.data.column("_trained"))[idx].sum())
-        train_parts.append(tok.select(idx).flatten_indices(keep_in_memory=True))
-    train = concatenate_datasets(train_parts)
-    if len(train) == 0:
+        train_parts.append((tok, idx))
+    stats.train_examples = sum(len(idx) for _, idx in train_parts)
+    if stats.train_examples == 0:
         raise DataError("no training examples are left (check the weights, val_fraction and the stats)")
-    stats.train_examples = len(train)
     stats.train_tokens = sum(s.train_tokens for s in stats.datasets.values())
     stats.train_trained_tokens = sum(s.train_trained_tokens for s in stats.datasets.values())
-    train = train.select(np.random.default_rng(cfg.seed).permutation(len(train)))
-    train, stats.packing_efficiency = _finish(train, cfg)
+    order = np.random.default_rng(cfg.seed).permutation(stats.train_examples)
+    train, stats.packing_efficiency = _finish(_rows(train_parts, order), cfg)
     stats.train_rows = len(train)
     validation, examples = None, []
     if val_parts:
-        validation = concatenate_datasets([p.flatten_indices(keep_in_memory=True) for p in val_parts])
-        stats.validation_examples = len(validation)
-        for messages in validation.select(range(min(len(validation), 4 * N_VALIDATION_EXAMPLES)))["messages"]:
-            if messages[0]["role"] != "text" and len(examples) < N_VALIDATION_EXAMPLES:
-                examples.append([{k: v for k, v in m.items() if k != "input" or v} for m in messages])
-        validation, _ = _finish(validation, cfg)
+        for tok, idx in val_parts:
+            for messages in map(json.loads, tok.select(idx[:N_VALIDATION_EXAMPLES])["messages"]):
+                if messages[0]["role"] != "text" and len(examples) < N_VALIDATION_EXAMPLES:
+                    examples.append({"messages": [{k: v for k, v in m.items() if k != "input" or v}
+                                                  for m in messages]})
+        stats.validation_examples = sum(len(idx) for _, idx in val_parts)
+        validation, _ = _finish(_rows(val_parts), cfg)
         stats.validation_rows = len(validation)
     return PreparedData(train, validation, stats, examples)
 
 
 # ------------------------------------------------------------------------------------------------------ caching
 
-def _cache_key(cfg: DataSection, specs, val_specs, sources, val_sources, template, tokenizer) -> str:
+def _cache_key(cfg: DataSection, specs, sources, val_sources, template, tokenizer) -> str:
     """Everything the result depends on: the data options, each dataset's options and its files' identity (path,
-    size, mtime), the template's and tokenizer's fingerprints, and this pipeline's code."""
-    tok_hash = tokenizer.sha256() if callable(tokenizer.sha256) else tokenizer.sha256
+    size, mtime), the template's and the tokenizer's fingerprints, and this pipeline's code."""
     code = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (__file__, Path(__file__).with_name(
         "templates.py"))]
     material = {
-        "version": CACHE_VERSION, "code": code, "template": template.sha256, "tokenizer": tok_hash,
+        "code": code, "template": template.sha256, "tokenizer": tokenizer.sha256,
         "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "num_proc", "validation")},
         "train": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(specs, sources)],
-        "validation": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(val_specs, val_sources)]}
+        "validation": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(cfg.validation,
+                                                                                                val_sources)]}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -476,14 +509,13 @@ def build_datasets(recipe_data: DataSection, specs: list[DatasetSection], templa
     sources = [_source(s, base_dir) for s in specs]
     val_sources = [_source(s, base_dir) for s in cfg.validation]
     root = Path(base_dir, os.path.expanduser(cfg.cache_dir or "~/.cache/llama-finetune/data"))
-    key = _cache_key(cfg, specs, cfg.validation, sources, val_sources, template, tokenizer)
-    entry = root / key
-    if (entry / "meta.json").exists():
-        return _load_cached(entry)
-    root.mkdir(parents=True, exist_ok=True)
-    prepared = _build(cfg, specs, cfg.validation, sources, val_sources, template, tokenizer, str(root / "hf"), key)
-    _save(prepared, entry)
-    prepared.stats.cache_path = str(entry)
+    key = _cache_key(cfg, specs, sources, val_sources, template, tokenizer)
+    hit = (root / key / "meta.json").exists()
+    if not hit:
+        root.mkdir(parents=True, exist_ok=True)
+        _save(_build(cfg, specs, sources, val_sources, template, tokenizer, str(root / "hf"), key), root / key)
+    prepared = _load_cached(root / key)  # memory-mapped from the cache either way
+    prepared.stats.cache_hit = hit
     return prepared
 
 
@@ -538,27 +570,18 @@ def render_example_for_display(row: dict, tokenizer, *, color: bool = False) -> 
     return "\n".join(out)
 
 
-def format_stats(stats: DataStats, max_seq_len: int | None = None) -> str:
-    lines = []
-    for title, group in (("train", stats.datasets), ("validation", stats.validation)):
-        for name, s in group.items():
-            lines.append(f"{title} {name}: {s.rows_read} rows read, {s.bad_rows_skipped} bad skipped, "
-                         f"{s.duplicates_removed} duplicates, overlong {s.overlong_dropped} dropped / "
-                         f"{s.overlong_truncated} truncated, {s.examples} kept"
-                         + (f", {s.held_out} held out, {s.train_examples} in the mix ({s.train_tokens} tokens, "
-                            f"{s.train_trained_tokens} trained)" if title == "train" else ""))
-    lines.append(f"train: {stats.train_examples} examples, {stats.train_tokens} tokens "
-                 f"({stats.train_trained_tokens} trained) in {stats.train_rows} rows"
-                 + (f" of {max_seq_len}" if max_seq_len else "") + f", packing efficiency "
-                 f"{stats.packing_efficiency:.1%}")
-    if stats.validation_examples:
-        lines.append(f"validation: {stats.validation_examples} examples in {stats.validation_rows} rows")
-    lines.append(f"cache: {'hit' if stats.cache_hit else 'stored'} {stats.cache_path}")
-    return "\n".join(lines)
-
-
-def show(prepared: PreparedData, tokenizer, n: int, *, color: bool = False, max_seq_len: int | None = None) -> str:
-    """What `finetune preprocess --show N` prints: the stats, then the first n training rows."""
+def show_examples(prepared: PreparedData, tokenizer, n: int, *, color: bool = False) -> str:
+    """The stats, then the first n training rows with their masks (what `finetune preprocess --show n` prints)."""
     rows = [render_example_for_display(prepared.train[i], tokenizer, color=color)
             for i in range(min(n, len(prepared.train)))]
-    return "\n\n".join([format_stats(prepared.stats, max_seq_len)] + [f"=== row {i}\n{r}" for i, r in enumerate(rows)])
+    return "\n\n".join([prepared.stats.describe()] + [f"=== row {i}\n{r}" for i, r in enumerate(rows)])
+
+
+def preprocess_report(recipe, show: int = 2) -> str:
+    """`finetune preprocess`: prepare (or load from the cache) the recipe's data and describe it."""
+    from .build import load_tokenizer
+    from .templates import load_template
+
+    tokenizer = load_tokenizer(recipe)
+    prepared = build_datasets(recipe.data, recipe.datasets, load_template(recipe.template), tokenizer)
+    return show_examples(prepared, tokenizer, show, color=os.isatty(1))

@@ -287,7 +287,7 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(trainable, enabled=self.stage3):
             if self.is_main:
                 state = {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
-                self.module.save_pretrained(out, state_dict=state)
+                self.module.save_pretrained(out, state_dict=state, save_embedding_layers=False)
         if recipe.model.preset is not None:
             base = os.path.join(recipe.output_dir, "base")
             if not os.path.isdir(base):

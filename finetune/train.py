@@ -109,7 +109,7 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
     t, ev = recipe.training, recipe.eval
     ckpt_root = os.path.join(recipe.output_dir, "checkpoints")
     if state.step == 0 and ev.exact_match and data.validation_examples:
-        score = exact_match(engine.core, tokenizer, template, data.validation_examples[:ev.exact_match],
+        score = exact_match(engine.core, tokenizer, template, _held_out(data)[:ev.exact_match],
                             max_new_tokens=ev.max_new_tokens)
         log.log(0, val_exact_match=score)
         log.message(f"exact match before training: {score:.1%} on {min(ev.exact_match, len(data.validation_examples))}"
@@ -241,7 +241,8 @@ class SingleDeviceRun(LocalEngine):
         if recipe.training.method == "lora":
             if recipe.model.preset is not None and not os.path.isdir(os.path.join(recipe.output_dir, "base")):
                 _save_base_weights(self.core, os.path.join(recipe.output_dir, "base"), tokenizer_file)
-            self.module.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+            # adapter_config.json + adapter_model.safetensors (the embeddings are never adapted)
+            self.module.save_pretrained(tmp, save_embedding_layers=False)
             os.makedirs(tmp, exist_ok=True)
         else:
             save_hf(self.core, self.core.config, tmp)
@@ -330,7 +331,8 @@ def _micro_batches(dataset, plan: Plan, step_index: int, engine):
     start = index * plan.rows_per_step
     for j in range(plan.accumulation):
         first = start + (j * engine.world_size + engine.rank) * plan.micro_batch
-        yield dataset.select(order[first:first + plan.micro_batch].tolist())
+        columns = dataset[order[first:first + plan.micro_batch].tolist()]  # {column: [row values]}
+        yield [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _evaluate(recipe, engine, data, tokenizer, template, step: int, log: RunLog) -> dict:
@@ -339,7 +341,7 @@ def _evaluate(recipe, engine, data, tokenizer, template, step: int, log: RunLog)
         loss = validation_loss(engine, data.validation, recipe.training.micro_batch_size, tokenizer.pad_id,
                                max_batches=ev.max_batches)
         metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50)))
-    examples = data.validation_examples or []
+    examples = _held_out(data)
     if ev.exact_match and examples:
         metrics["val_exact_match"] = exact_match(engine.core, tokenizer, template, examples[:ev.exact_match],
                                                  max_new_tokens=ev.max_new_tokens)
@@ -352,6 +354,11 @@ def _evaluate(recipe, engine, data, tokenizer, template, step: int, log: RunLog)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         log.message(f"step {step}: {shown}")
     return metrics
+
+
+def _held_out(data) -> list[dict]:
+    """Held-out conversations, {"messages": [...]}, for generation and exact match."""
+    return list(data.validation_examples or [])
 
 
 def _save(recipe, engine, state: State, root: str) -> str:

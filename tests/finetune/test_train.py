@@ -1,0 +1,219 @@
+"""The `finetune` command end to end on tiny models: smoke runs, resume, accumulation, adapters, errors."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.build import load_adapter
+from finetune.cli import main
+from llama_core.checkpoint import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORDS = "the a of to and in is was for on with it be are have not but one two three".split()
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 4)
+        rows.append({"instruction": "Reverse the words.", "input": " ".join(words), "output": " ".join(words[::-1])})
+    return rows
+
+
+def _recipe(tmp_path, tokenizer, **sections) -> str:
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in _rows(64)))
+        (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(8, seed=1)))
+    recipe = {
+        "model": {"preset": "tiny"},
+        "tokenizer": {"path": str(tokenizer.path)},
+        "template": "plain",
+        "datasets": [{"path": str(data)}],
+        "data": {"max_seq_len": 256, "packing": True, "cache_dir": str(tmp_path / "cache"),
+                 "validation": [{"path": str(tmp_path / "valid.jsonl")}]},
+        "training": {"method": "full", "max_steps": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1,
+                     "precision": "fp32"},
+        "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
+        "output_dir": str(tmp_path / "out"),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _losses(out) -> dict[int, float]:
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {m["step"]: m["train_loss"] for m in lines if "train_loss" in m}
+
+
+def test_full_finetune_smoke(tmp_path, tokenizer, hf_twin):
+    recipe = _recipe(tmp_path, tokenizer, eval={"every_steps": 2, "generate_prompts": 2, "max_new_tokens": 4})
+    assert main(["--recipe", recipe]) == 0
+    out = tmp_path / "out"
+    for name in ("recipe.yaml", "tokenizer.model", "metrics.jsonl", "summary.json", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.model", "final/template.yaml", "samples"):
+        assert (out / name).exists(), name
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["val_loss"] > 0
+    # The final model is an HF checkpoint that transformers loads with the same logits.
+    ours = load_model(out / "final")
+    from transformers import LlamaForCausalLM
+    theirs = LlamaForCausalLM.from_pretrained(out / "final").eval()
+    x = torch.randint(0, 320, (2, 10))
+    torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=0)
+
+
+def test_loss_falls_on_a_memorizable_batch(tmp_path, tokenizer):
+    recipe = _recipe(tmp_path, tokenizer, data={"packing": False},
+                     training={"max_steps": 30, "micro_batch_size": 64, "lr": 3e-3, "schedule": "constant",
+                               "weight_decay": 0.0})
+    assert main(["--recipe", recipe]) == 0
+    losses = _losses(tmp_path / "out")
+    assert losses[30] < 0.5 * losses[1], losses
+
+
+def test_lora_adapter_loads_in_peft_and_transformers(tmp_path, tokenizer):
+    recipe = _recipe(tmp_path, tokenizer, training={"method": "lora", "lr": 1e-2},
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    assert main(["--recipe", recipe]) == 0
+    out = tmp_path / "out"
+    assert (out / "final" / "adapter_config.json").exists() and (out / "final" / "adapter_model.safetensors").exists()
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(".lora_" in k for k in adapter) and any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(out / "base")
+
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out / "base"), out / "final").eval()
+    ours = load_adapter(load_model(out / "base"), out / "final").eval()
+    x = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=x), hf(input_ids=x).logits, atol=1e-5, rtol=0)
+        # ... and the adapter changes the output (it was trained)
+        assert (LlamaForCausalLM.from_pretrained(out / "base")(x).logits - hf(input_ids=x).logits).abs().max() > 1e-4
+
+
+def _final_weights(out) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, tokenizer):
+    # Unpacked rows of different lengths: micro-batches hold different numbers of trained tokens, so dividing
+    # each micro-batch's mean by the number of micro-batches would not give this equality.
+    common = dict(data={"packing": False}, eval={}, checkpoint={"every_steps": None})
+    a = _recipe(tmp_path, tokenizer, training={"max_steps": 2, "micro_batch_size": 8,
+                                               "gradient_accumulation_steps": 1}, output_dir=str(tmp_path / "a"),
+                **common)
+    assert main(["--recipe", a]) == 0
+    b = _recipe(tmp_path, tokenizer, training={"max_steps": 2, "micro_batch_size": 2,
+                                               "gradient_accumulation_steps": 4}, output_dir=str(tmp_path / "b"),
+                **common)
+    assert main(["--recipe", b]) == 0
+    wa, wb = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-6, rtol=1e-5)
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert la[1] == pytest.approx(lb[1], abs=1e-6) and la[2] == pytest.approx(lb[2], abs=1e-6)
+
+
+def _final_files(out, method) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "final", "model.safetensors" if method == "full" else
+                                  "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path, tokenizer, method):
+    # LoRA with dropout: the resumed run must also restore the random generators.
+    steps = 60
+    settings = dict(training={"max_steps": steps, "micro_batch_size": 4, "method": method},
+                    lora={"dropout": 0.1, "target_modules": "all-linear"},
+                    checkpoint={"every_steps": 5, "keep_last": 2})
+    reference = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "ref"), **settings)
+    assert main(["--recipe", reference]) == 0
+    expected = _losses(tmp_path / "ref")
+
+    recipe = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "run"), **settings)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "--recipe", recipe], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = tmp_path / "run" / "checkpoints" / "step-00000010"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "run" / "final").exists(), "the run ended before it could be killed"
+
+    assert main(["--recipe", recipe]) == 0
+    resumed = _losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(11, steps + 1):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])  # bitwise on CPU
+    ref_w, run_w = _final_files(tmp_path / "ref", method), _final_files(tmp_path / "run", method)
+    assert all(torch.equal(ref_w[k], run_w[k]) for k in ref_w)
+
+
+def test_bad_recipe_exits_2_with_every_problem(tmp_path, tokenizer, capsys):
+    recipe = _recipe(tmp_path, tokenizer, training={"lr": "fast", "micro_batch_sise": 2, "method": "qlora"})
+    assert main(["--recipe", recipe, "lora.r=0"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.yaml" in err and "training.lr" in err and "expected a number" in err
+    assert "training.micro_batch_sise" in err and "did you mean 'micro_batch_size'" in err
+    assert "training.method" in err and "command line: lora.r" in err
+    assert "Traceback" not in err
+
+
+def test_bad_recipe_subprocess_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: llama-8b\ntraining:\n  lr: [1\n")
+    result = subprocess.run([sys.executable, "-m", "finetune", "--recipe", str(bad)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "bad.yaml:5" in result.stderr or "bad.yaml:4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss(tmp_path, tokenizer, capsys, monkeypatch, policy):
+    from finetune.engine import LocalEngine
+
+    calls = {"n": 0}
+    real = LocalEngine.loss_sum
+
+    def poisoned(self, batch):  # the third micro-batch (step 2 of 2-step accumulation) gives NaN
+        calls["n"] += 1
+        loss = real(self, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(LocalEngine, "loss_sum", poisoned)
+    recipe = _recipe(tmp_path, tokenizer, training={"max_steps": 3, "gradient_accumulation_steps": 2,
+                                                    "nan_policy": policy})
+    code = main(["--recipe", recipe])
+    err = capsys.readouterr().err
+    if policy == "stop":
+        assert code == 1 and "at step 2" in err and "nan_policy" in err and "Traceback" not in err
+        assert not (tmp_path / "out" / "final").exists()
+    else:
+        assert code == 0 and "step 2: loss is nan, update skipped" in err
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["skipped_steps"] == 1 and summary["steps"] == 3
