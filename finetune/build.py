@@ -139,8 +139,8 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (linear layers, embeddings), none on the RMSNorm gains."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # under ZeRO-3 a parameter's own shape is an empty placeholder: ds_shape is the real one
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -157,7 +157,7 @@ def _identity(kind: str, source) -> object:
 
 
 def _read_json(path: Path) -> tuple[list[str], list[str]]:
-    """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, and their locations."""
+    """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, and their locations ("file:line")."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -171,16 +171,9 @@ def _read_json(path: Path) -> tuple[list[str], list[str]]:
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # else: JSON lines in a .json file
                 raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-    rows, where = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON line: {e.msg} (column {e.colno})") from None
-            rows.append(line)
-            where.append(f"{path}:{n}")
-    return rows, where
+    # split on "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold raw
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]  # parsed in _process
+    return [line for _, line in lines], [f"{path}:{n}" for n, _ in lines]
 
 
 def _hub_reachable() -> bool:
@@ -314,7 +307,10 @@ def _process(batch: dict, fmt: str, cols: dict, template: Template, tokenizer, c
         ids, labels, messages, error, status = [], [], [], "", BAD
         try:
             if "_json" in row:
-                row = json.loads(row["_json"])
+                try:
+                    row = json.loads(row["_json"])
+                except json.JSONDecodeError as e:
+                    raise _Bad(f"malformed JSON line: {e.msg} (column {e.colno})") from None
                 if not isinstance(row, dict):
                     raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
             messages = normalize(row, fmt, cols)

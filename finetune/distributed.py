@@ -153,9 +153,11 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(recipe, precision.name, self.world_size)
         self.stage3 = self.config["zero_optimization"]["stage"] == 3
         config = model_config(recipe, tokenizer)
-        # 16-bit runs keep 16-bit parameters (DeepSpeed holds the fp32 master copy in the optimizer).
+        # 16-bit runs keep 16-bit parameters (DeepSpeed holds the fp32 master copy in the optimizer). The
+        # dtype comes from the config's bf16/fp16 sections: Init's own `dtype` argument is ignored on CPU
+        # (DeepSpeed 0.19 `_set_dtype` precedence), where it would silently give bf16.
         dtype = precision.weights
-        with deepspeed.zero.Init(config_dict_or_path=self.config, enabled=self.stage3, dtype=dtype,
+        with deepspeed.zero.Init(config_dict_or_path=self.config, enabled=self.stage3,
                                  remote_device="cpu" if recipe.distributed.offload_params else None):
             core = Transformer(config)
         if not self.stage3:
@@ -178,6 +180,11 @@ class DeepSpeedEngine:
             model=module, optimizer=optimizer, model_parameters=None if optimizer else trainable,
             config=self.config)
         self.module, self.core = module, core
+        if self.stage3:  # say what ZeRO-3 did: each rank holds its share of every parameter
+            local = sum(p.ds_tensor.numel() for p in core.parameters() if hasattr(p, "ds_tensor"))
+            print(f"rank {self.rank}: holds {local:,} of {self.num_parameters:,} parameter values "
+                  f"({100 * local / self.num_parameters:.1f}%, ZeRO-3 over {self.world_size} ranks)",
+                  file=sys.stderr, flush=True)
 
     def _load_weights(self, core: Transformer, recipe: Recipe) -> None:
         """Random (seeded, same values as a single-process run) or from the checkpoint, one tensor at a time."""

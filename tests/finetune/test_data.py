@@ -245,6 +245,9 @@ def test_csv_parquet_json_and_folders(tmp_path, tokenizer):
         assert got == (expected := expected or got) and len(got) == 4, name
     (tmp_path / "n.csv").write_text("instruction,output\nWhat is 2 + 2?,4\n")  # a numeric cell stays text
     assert len(build(tmp_path, [str(tmp_path / "n.csv")], tokenizer).train) == 1
+    raw = '{"instruction": "a\u2028b", "output": "c"}\r\n\n'  # a raw U+2028 inside a string, CRLF line ends
+    (tmp_path / "u.jsonl").write_text(raw, encoding="utf-8")
+    assert len(build(tmp_path, [str(tmp_path / "u.jsonl")], tokenizer).train) == 1
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -277,13 +280,13 @@ def test_bad_conversations(tmp_path, tokenizer, turns, message):
 
 
 def test_skip_mode_counts_bad_rows(tmp_path, tokenizer):
-    lines = rows(5) + [{"instruction": "x"}, {"instruction": 3, "output": "y"}, {"output": "z"}]
+    lines = rows(5) + [{"instruction": "x"}, {"instruction": 3, "output": "y"}, {"output": "z"}, "{oops"]
     path = write_jsonl(tmp_path / "a.jsonl", lines)
-    with pytest.raises(DataError, match=r"a\.jsonl:6: .*\n.*a\.jsonl:7: .*\n.*a\.jsonl:8: "):
+    with pytest.raises(DataError, match=r"a\.jsonl:6: .*\n.*a\.jsonl:7: .*\n.*a\.jsonl:8: .*\n\(and 1 more"):
         build(tmp_path, [path], tokenizer)
     prepared = build(tmp_path, [path], tokenizer, on_bad_row="skip")
     s = prepared.stats.datasets[path]
-    assert (s.rows_read, s.bad_rows_skipped, s.examples) == (8, 3, 5)
+    assert (s.rows_read, s.bad_rows_skipped, s.examples) == (9, 4, 5)
     with pytest.raises(DataError, match="no usable examples"):
         build(tmp_path, [write_jsonl(tmp_path / "b.jsonl", lines[5:])], tokenizer, on_bad_row="skip")
 

@@ -37,7 +37,7 @@ def test_alpaca_prompts_are_stanfords_exactly():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("vicuna", f"<s>Be {{brief}}. USER: Add 2 and 3. ASSISTANT: 5</s>USER: Now double it. ASSISTANT: 10</s>"),
+    ("vicuna", "<s>Be {brief}. USER: Add 2 and 3. ASSISTANT: 5</s>USER: Now double it. ASSISTANT: 10</s>"),
     ("llama2-chat", "<s>[INST] <<SYS>>\nBe {brief}.\n<</SYS>>\n\nAdd 2 and 3. [/INST] 5 </s>"
                     "<s>[INST] Now double it. [/INST] 10 </s>"),
     ("chatml", "<s><|im_start|>system\nBe {brief}.<|im_end|>\n<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
