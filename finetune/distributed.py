@@ -63,7 +63,12 @@ def deepspeed_config(recipe: Recipe, precision_name: str, world_size: int | None
         ours["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
                                                          "weight_decay": t.weight_decay, "eps": t.eps}}
     user = _read_ds_file(d.config_file) if d.config_file else {}
-    return _merge(user, ours)
+    return _drop_auto(_merge(user, ours))
+
+
+def _drop_auto(d: dict) -> dict:
+    """Values the file left to us as "auto" (transformers' convention) that we do not set: DeepSpeed's default."""
+    return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
 
 
 def check_deepspeed_file(recipe: Recipe) -> list[str]:
@@ -90,10 +95,10 @@ def check_deepspeed_file(recipe: Recipe) -> list[str]:
         if not same:
             problems.append(f"{d.config_file}: {'.'.join(path)} is {theirs!r} but the recipe's {key} gives "
                             f"{mine!r}; remove it from the file or make them agree")
-    if _get(user, ("optimizer",)) and not d.offload_optimizer:
+    if "optimizer" in user and not d.offload_optimizer:
         problems.append(f"{d.config_file}: optimizer: the recipe's training section sets the optimizer (AdamW); "
                         f"remove the file's optimizer section")
-    if _get(user, ("scheduler",)):
+    if "scheduler" in user:
         problems.append(f"{d.config_file}: scheduler: the learning-rate schedule comes from the recipe's training "
                         f"section; remove the file's scheduler section")
     return problems

@@ -175,10 +175,10 @@ def load_recipe(path: str, overrides: list[str] = (), *, check_paths: bool = Tru
     errors: list[str] = []
     for item in overrides:
         _apply_override(raw, item, lines, errors)
+    errors.extend(f"{path}:{line}: {message}" for line, message in lines.pop("__duplicates__", []))
     recipe = _build(Recipe, raw, "", errors, _Where(path, lines), check_paths)
-    if not errors:
-        recipe.source = path
-        _check_recipe(recipe, errors, _Where(path, lines), check_paths)
+    recipe.source = path
+    _check_recipe(recipe, errors, _Where(path, lines), check_paths)
     if errors:
         raise RecipeError(f"{path}: {len(errors)} problem{'s' * (len(errors) > 1)}:\n" +
                           "\n".join(f"  {e}" for e in errors))
@@ -214,10 +214,13 @@ class _Where:
 
 def _key_lines(node, prefix: str = "", out: dict | None = None) -> dict[str, int]:
     """Map each dotted key path (lists as key[i]) to the 1-based line where it appears."""
-    out = {} if out is None else out
+    out = {"__duplicates__": []} if out is None else out
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            if key in out:  # YAML would silently keep the last one
+                out["__duplicates__"].append((key_node.start_mark.line + 1,
+                                              f"{key}: duplicate key (first at line {out[key]})"))
             out[key] = key_node.start_mark.line + 1
             _key_lines(value_node, key, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -372,7 +375,7 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
         hint = f"did you mean {close[0]!r}? " if close else ""
         errors.append(f"{where('model.preset')}: unknown preset {m.preset!r}; {hint}valid: {', '.join(PRESETS)}")
     valid_config = {f.name for f in dataclasses.fields(LlamaConfig)}
-    for name in m.config:
+    for name in m.config or {}:
         if name not in valid_config:
             errors.append(f"{where('model.config.' + str(name))}: not a model config field; "
                           f"valid: {', '.join(sorted(valid_config))}")
@@ -384,14 +387,17 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
         errors.append(f"{where('tokenizer.path')}: a preset model needs tokenizer.path")
     if not r.datasets:
         errors.append(f"{where('datasets')}: at least one dataset is needed")
-    for i, d in enumerate(r.datasets + r.data.validation):
+    for i, d in enumerate((r.datasets or []) + (r.data.validation or [])):
+        if d is None or not isinstance(d.path, str):
+            continue
         looks_local = os.sep in d.path or d.path.startswith(".") or os.path.splitext(d.path)[1] != ""
         if check_paths and looks_local and not os.path.exists(d.path):
             key = f"datasets[{i}].path" if i < len(r.datasets) else f"data.validation[{i - len(r.datasets)}].path"
             errors.append(f"{where(key)}: file not found: {d.path!r} (relative paths are from the current "
                           f"directory, {os.getcwd()})")
     t = r.training
-    if len(t.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1 for b in t.betas):
+    if t.betas is not None and (len(t.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1
+                                                              for b in t.betas)):
         errors.append(f"{where('training.betas')}: expected two numbers in [0, 1), got {t.betas!r}")
     if t.warmup_steps and t.warmup_ratio:
         errors.append(f"{where('training.warmup_ratio')}: give warmup_steps or warmup_ratio, not both")
@@ -400,7 +406,7 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
     targets = r.lora.target_modules
     if isinstance(targets, list):
         for i, name in enumerate(targets):
-            if name not in LORA_TARGETS:
+            if isinstance(name, str) and name not in LORA_TARGETS:
                 reason = (" (the output head is not adaptable: its loss is computed in fused chunks)"
                           if name == "lm_head" else "")
                 close = difflib.get_close_matches(name, LORA_TARGETS, n=1)
@@ -410,13 +416,16 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
         if not targets:
             errors.append(f"{where('lora.target_modules')}: empty list")
     e = r.eval
-    has_validation = r.data.val_fraction > 0 or bool(r.data.validation)
+    has_validation = (r.data.val_fraction or 0) > 0 or bool(r.data.validation)
     for name in ("every_steps", "exact_match", "generate_prompts"):
         if getattr(e, name) and not has_validation:
             errors.append(f"{where('eval.' + name)}: needs validation data (data.val_fraction or data.validation)")
+    if r.distributed.config_file and check_paths and not errors:  # needs an otherwise valid recipe
+        from .distributed import check_deepspeed_file
+        errors.extend(f"{where('distributed.config_file')}: {p}" for p in check_deepspeed_file(r))
     if r.distributed.offload_params and r.distributed.zero_stage != 3:
         errors.append(f"{where('distributed.offload_params')}: parameter offload needs zero_stage: 3")
-    if r.template and check_paths:
+    if isinstance(r.template, str) and check_paths:
         from .templates import BUILTINS
         if r.template not in BUILTINS and not os.path.isfile(r.template):
             errors.append(f"{where('template')}: {r.template!r} is neither a built-in template "
