@@ -2,7 +2,7 @@
 
     python data/make_quickstart.py        # rewrites data/quickstart/*.jsonl and data/quickstart/tokenizer.model
 
-Step 1 (full fine-tuning from scratch) trains on six tasks; its validation file holds instances none of which
+Step 1 (full fine-tuning from scratch) trains on five tasks; its validation file holds instances none of which
 appears in training. Step 2 (LoRA) teaches a seventh task the first model never saw. Every answer is a function of
 the input, so exact match is a fair score. Written for this project; no third-party data.
 """
@@ -22,19 +22,13 @@ def words(rng, lo=3, hi=6):
     return rng.sample(WORDS, rng.randint(lo, hi))
 
 
-def numbers(rng, lo=3, hi=6):
-    return [str(rng.randint(0, 99)) for _ in range(rng.randint(lo, hi))]
-
-
 # name -> (instruction, make input list, answer from input list)
 TASKS = {
-    "reverse": ("Reverse the order of the words.", words, lambda xs: " ".join(reversed(xs))),
-    "sort": ("Sort the numbers from smallest to largest.", numbers,
-             lambda xs: " ".join(sorted(xs, key=int))),
+    "repeat": ("Repeat the words.", words, lambda xs: " ".join(xs)),
     "first": ("Write the first word.", words, lambda xs: xs[0]),
     "last": ("Write the last word.", words, lambda xs: xs[-1]),
     "count": ("How many words are there?", words, lambda xs: str(len(xs))),
-    "max": ("Write the largest number.", numbers, lambda xs: max(xs, key=int)),
+    "reverse": ("Reverse the order of the words.", words, lambda xs: " ".join(reversed(xs))),
 }
 # Step 2: a task the first model was never trained on.
 NEW_TASK = {"drop_first": ("Write all the words except the first.", words, lambda xs: " ".join(xs[1:]))}
@@ -65,8 +59,8 @@ def write_jsonl(name: str, rows: list[dict]) -> None:
 def main() -> None:
     os.makedirs(HERE, exist_ok=True)
     rng, used = random.Random(2026), set()
-    valid = examples(TASKS, 50, rng, used)  # drawn first, so training never contains them
-    train = examples(TASKS, 1500, rng, used)
+    valid = examples(TASKS, 60, rng, used)  # drawn first, so training never contains them
+    train = examples(TASKS, 1800, rng, used)
     new_valid = examples(NEW_TASK, 100, rng, used)
     new_train = examples(NEW_TASK, 1200, rng, used)
     write_jsonl("train.jsonl", train)
@@ -78,7 +72,7 @@ def main() -> None:
     from finetune.templates import load_template, segments_text
     from llama_core.tokenizer import train_tokenizer
 
-    template = load_template("alpaca")
+    template = load_template(os.path.join(os.path.dirname(HERE), "..", "recipes", "templates", "quickstart.yaml"))
     texts = []
     for row in train + new_train:
         user = {"role": "user", "content": row["instruction"], "input": row["input"]}

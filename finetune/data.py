@@ -336,10 +336,15 @@ def _tokenize(spec: DatasetSection, raw: Dataset, template, tokenizer, cfg: Data
     if spec.max_samples is not None and spec.max_samples < len(raw):
         rng = np.random.default_rng(cfg.seed)
         raw = raw.select(np.sort(rng.choice(len(raw), spec.max_samples, replace=False)))
+    big = len(raw) >= 20_000  # only long tokenizations get a progress bar; the rest is quiet
+    if big:
+        datasets.enable_progress_bars()
     tok = raw.map(_process, batched=True, batch_size=256, remove_columns=raw.column_names, features=_TOKENIZED,
                   fn_kwargs=dict(fmt=spec.format, cols=spec.columns, template=template, tokenizer=tokenizer,
                                  cfg=cfg), num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) >= 1000 else None,
                   keep_in_memory=True, new_fingerprint=fingerprint, desc=f"tokenizing {spec.path}")
+    if big:
+        datasets.disable_progress_bars()
     status = np.asarray(tok.with_format("arrow")["_status"])
     bad = np.flatnonzero(status == BAD)
     if len(bad) and cfg.on_bad_row == "error":
@@ -499,6 +504,16 @@ def build_datasets(recipe_data: DataSection, specs: list[DatasetSection], templa
                    base_dir: str = ".") -> PreparedData:
     """Training and validation data of a recipe (see the module docstring), from the cache when it is fresh.
     Dataset paths and cache_dir are relative to `base_dir`: the current directory, not the recipe's folder."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # datasets' own bars (map, save) are noise here
+    try:
+        return _build_datasets(recipe_data, specs, template, tokenizer, base_dir)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _build_datasets(recipe_data, specs, template, tokenizer, base_dir) -> PreparedData:
     cfg = recipe_data
     if not specs:
         raise DataError("the recipe lists no datasets")

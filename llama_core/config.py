@@ -164,7 +164,7 @@ PRESETS: dict[str, dict] = {
     # 58M parameters at vocab 32000: the size of the shared CPU reference measurements.
     "llama-58m": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, norm_eps=1e-5),
     # The CPU quickstart: learns its bundled task in a few minutes on 2 cores.
-    "quickstart": dict(dim=256, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=512),
+    "quickstart": dict(dim=128, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256),
     # Tests.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=16, max_seq_len=256),
     "tiny-gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=256),

@@ -1,6 +1,8 @@
 """Prompt templates: exact texts, segments and masks, prompt/training agreement, Jinja export, user YAML files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import jinja2.sandbox
 import pytest
 
@@ -8,6 +10,7 @@ from finetune.errors import UserError
 from finetune.templates import (BUILTINS, Segment, Template, encode_segments, format_choices, load_template,
                                 segments_text, tokenize)
 
+ROOT = Path(__file__).resolve().parents[2]
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
                 "### Input:\n{input}\n\n### Response:")
@@ -132,7 +135,7 @@ def test_to_jinja_renders_the_same_text(name):
 
 
 def test_user_template_file(tmp_path):
-    t = load_template("recipes/templates/example_user_template.yaml")
+    t = load_template(str(ROOT / "recipes" / "templates" / "example_user_template.yaml"))
     conv = alpaca("Why?", "ctx", "Because.")
     assert segments_text(t.render(conv)) == "<s>Context: ctx\n\nQuestion: Why?\nAnswer: Because.</s>"
     assert t.render(conv)[-1] == Segment(" Because.", True, eos=True)
