@@ -106,7 +106,11 @@ def add_lora(model: Transformer, recipe: Recipe, base_path: str | None):
     lora = recipe.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora_targets(recipe), use_dora=lora.dora, bias="none")
-    peft_model = get_peft_model(model, config)
+    # The adapter's random initialization depends only on the seed, not on how the base was built (building it
+    # inside deepspeed.zero.Init draws from the global generator, for instance).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.training.seed)
+        peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_path  # where `finetune merge` finds the base
     # The adapter we write is a transformers causal-LM adapter: PeftModel.from_pretrained on LlamaForCausalLM
     # reads it. (Wrapping our model as CAUSAL_LM would require transformers' generation API.)

@@ -73,3 +73,21 @@ def test_zero3_two_ranks(tmp_path, tokenizer, hf_twin):
         torch.testing.assert_close(hf(x).logits, load_model(final)(x), atol=1e-5, rtol=0)
     config = json.loads((final / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_zero3_lora_matches_one_process(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    settings = dict(training={"method": "lora", "max_steps": 4, "micro_batch_size": 2, "schedule": "constant",
+                              "lr": 3e-3}, lora={"dropout": 0.0})
+    single = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "single"), **settings)
+    assert main(["--recipe", single, "training.gradient_accumulation_steps=2"]) == 0
+    recipe = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "zero3"),
+                     distributed={"backend": "deepspeed", "zero_stage": 3}, **settings)
+    _launch(recipe)
+    expected, losses = _losses(tmp_path / "single"), _losses(tmp_path / "zero3")
+    assert all(losses[s] == pytest.approx(expected[s], abs=2e-5, rel=0) for s in range(1, 5)), (losses, expected)
+    a = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "zero3" / "final" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert (tmp_path / "zero3" / "base" / "model.safetensors").exists()  # the preset base the adapter needs
