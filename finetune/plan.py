@@ -7,12 +7,13 @@ logits (the full logits never exist).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llama_core.checkpoint import parse_size
 from llama_core.model import Transformer
 
-from .build import model_config
 from .recipe import Recipe, load_recipe
 
 GiB = 1024 ** 3
@@ -70,7 +71,6 @@ def memory_plan(recipe: Recipe, config, nproc: int, nodes: int = 1) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from .build import load_tokenizer
     from .cli import parser
 
     p = parser("finetune plan", "Estimate parameters and per-GPU memory for a recipe.")
@@ -78,17 +78,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--nproc", type=int, default=1, help="GPUs per node")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB or 24GiB")
+    p.add_argument("--preset", help="plan with this preset's shape (when the recipe's checkpoint is not here yet)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides, check_paths=False)
-
-    class _Vocab:  # presets take their vocabulary from the tokenizer; without one, keep the preset's
-        vocab_size = 0
-    try:
-        tokenizer = load_tokenizer(recipe)
-    except Exception:  # noqa: BLE001 - planning must work before the files are downloaded
-        tokenizer = _Vocab()
-    config = model_config(recipe, tokenizer) if tokenizer.vocab_size else _preset_config(recipe)
+    config = _architecture(recipe, args.preset)
     plan = memory_plan(recipe, config, args.nproc, args.nodes)
     budget = parse_size(args.gpu_mem)
     rows = [("weights", plan["weights"]), ("gradients", plan["gradients"]), ("optimizer state", plan["optimizer"]),
@@ -102,12 +96,25 @@ def main(argv: list[str]) -> int:
     if plan["cpu_per_node"]:
         print(f"  {'CPU memory per node':<24}{plan['cpu_per_node'] / GiB:10.2f} GiB")
     fits = plan["per_gpu"] <= budget
-    print(f"{'fits' if fits else 'does NOT fit'} in {budget / GiB:.1f} GiB per GPU"
+    print(f"{'fits' if fits else 'does NOT fit'} in {args.gpu_mem} ({budget / GiB:.1f} GiB) per GPU"
           + ("" if fits else ": add GPUs, enable activation checkpointing, lower micro_batch_size or max_seq_len, "
                              "or offload (distributed.offload_optimizer / offload_params)"))
     return 0 if fits else 1
 
 
-def _preset_config(recipe: Recipe):
+def _architecture(recipe: Recipe, preset: str | None):
+    """The model's shape: --preset, else the recipe's preset, else the checkpoint's config (read, not loaded)."""
+    from llama_core.checkpoint import load_config
     from llama_core.config import get_config
-    return get_config(recipe.model.preset, **recipe.model.config)
+
+    from .errors import UserError
+
+    try:
+        if preset or recipe.model.preset:
+            return get_config(preset or recipe.model.preset, **recipe.model.config)
+        if os.path.isdir(recipe.model.checkpoint):
+            return load_config(recipe.model.checkpoint)
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
+    raise UserError(f"model.checkpoint {recipe.model.checkpoint!r} is not here; give --preset (for example "
+                    f"--preset llama-7b) to plan with a preset's shape")

@@ -236,3 +236,31 @@ def test_mmlu_instruct_recipe_end_to_end(tmp_path, monkeypatch):
     assert 0 <= report["average"] <= 1 and report["shots"] == 5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mmlu_average"] == report["average"] and summary["steps"] == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, tokenizer):
+    recipe = _recipe(tmp_path, tokenizer, training={"max_steps": 400, "micro_batch_size": 4},
+                     checkpoint={"every_steps": 1000})
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "--recipe", recipe], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saved" in err and "Traceback" not in err
+    checkpoints = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and not (tmp_path / "out" / "final").exists()
+    saved = int(checkpoints[0].name.split("-")[1])
+    assert 3 <= saved < 400 and max(_losses(tmp_path / "out")) == saved
+    assert main(["--recipe", recipe, "training.max_steps=" + str(saved + 2)]) == 0
+    assert sorted(_losses(tmp_path / "out")) == list(range(1, saved + 3))
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tokenizer, capsys):
+    recipe = _recipe(tmp_path, tokenizer, training={"method": "lora", "quantize": "4bit"})
+    assert main(["--recipe", recipe]) == 2
+    assert "4bit (QLoRA) needs a CUDA GPU" in capsys.readouterr().err
