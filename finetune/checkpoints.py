@@ -104,3 +104,15 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_final(tmp: str, final: str, tokenizer_file: str, template) -> None:
+    """Complete a model folder written to `tmp` (tokenizer, template) and move it to `final`, replacing it."""
+    import yaml
+
+    shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
+    with open(os.path.join(tmp, "template.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(template.definition, f, sort_keys=False)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)

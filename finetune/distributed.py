@@ -19,6 +19,7 @@ from llama_core.checkpoint import CheckpointError, iter_checkpoint_tensors, pars
 from llama_core.model import Transformer, initial_value
 
 from .build import Precision, add_lora, model_config
+from .checkpoints import publish_final
 from .errors import UserError
 from .recipe import Recipe, RecipeError, load_recipe
 
@@ -272,8 +273,6 @@ class DeepSpeedEngine:
         dist.barrier()
 
     def save_final(self, final: str, recipe: Recipe, tokenizer_file: str, template) -> None:
-        import yaml
-
         tmp = final + ".tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -284,12 +283,7 @@ class DeepSpeedEngine:
         else:
             save_consolidated(self.core, tmp, is_main=self.is_main, stage3=self.stage3)
         if self.is_main:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
-            with open(os.path.join(tmp, "template.yaml"), "w", encoding="utf-8") as f:
-                yaml.safe_dump(template.definition, f, sort_keys=False)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            publish_final(tmp, final, tokenizer_file, template)
         self.barrier()
 
     def _save_adapter(self, out: str, recipe: Recipe, tokenizer_file: str) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from llama_core.model import Transformer
 
 from .build import Precision, autocast_context
+from .errors import UserError
 
 
 class LocalEngine:
@@ -72,7 +73,7 @@ class LocalEngine:
         tensors = load_file(os.path.join(path, "trainable.safetensors"))
         params = self.trainable()
         if set(tensors) != set(params):
-            raise ValueError(f"{path}: the checkpoint's trained tensors do not match this run's "
+            raise UserError(f"{path}: the checkpoint's trained tensors do not match this run's "
                              f"(missing {sorted(set(params) - set(tensors))[:5]}, "
                              f"unexpected {sorted(set(tensors) - set(params))[:5]})")
         with torch.no_grad():

@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import yaml
 
 from .build import (add_lora, build_model, load_tokenizer, make_optimizer, pick_device, quantize_base_4bit,
                     resolve_precision, tokenizer_path)
-from .checkpoints import (latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint,
+from .checkpoints import (latest_checkpoint, load_trainer_state, publish_final, restore_rng, save_checkpoint,
                           write_json_atomic)
 from .data import build_datasets, collate
 from .engine import LocalEngine
@@ -67,7 +66,8 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
 
     tokenizer = load_tokenizer(recipe)
     template = load_template(recipe.template)
-    data = build_datasets(recipe.data, recipe.datasets, template, tokenizer)
+    with _main_process_first():  # under DeepSpeed, rank 0 tokenizes and caches; the others read the cache
+        data = build_datasets(recipe.data, recipe.datasets, template, tokenizer)
     if len(data.train) == 0:
         raise UserError("datasets: no training rows are left after filtering (see the counts above)")
 
@@ -83,8 +83,10 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
 
     state = State()
     if resume_from:
+        saved = load_trainer_state(resume_from)
+        _check_resumable(recipe, saved.get("recipe", {}), resume_from)
         engine.load(resume_from)
-        state = State(**load_trainer_state(resume_from)["state"])
+        state = State(**saved["state"])
         restore_rng(resume_from)
         if engine.is_main:
             _truncate_metrics(os.path.join(out, "metrics.jsonl"), state.step)
@@ -174,7 +176,6 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
 
 def _finish(recipe, engine, data, tokenizer, template, plan, state, log) -> dict:
     out = recipe.output_dir
-    start = time.time()
     ckpt_root = os.path.join(out, "checkpoints")
     last = latest_checkpoint(ckpt_root)
     if last is None or load_trainer_state(last)["state"]["step"] != state.step:
@@ -246,12 +247,7 @@ class SingleDeviceRun(LocalEngine):
             os.makedirs(tmp, exist_ok=True)
         else:
             save_hf(self.core, self.core.config, tmp)
-        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
-        with open(os.path.join(tmp, "template.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(template.definition, f, sort_keys=False)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish_final(tmp, final, tokenizer_file, template)
 
 
 def _save_base_weights(core, path: str, tokenizer_file: str) -> None:
@@ -281,6 +277,40 @@ def _start_output(recipe: Recipe, out: str) -> None:
     shutil.copyfile(tokenizer_path(recipe), os.path.join(out, "tokenizer.model"))
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         os.remove(os.path.join(out, "metrics.jsonl"))
+
+
+# What must not change between a run and its resumption (the schedule, the step count and evaluation may).
+_SAME_ON_RESUME = ("model", "tokenizer", "datasets", "template", "data", "lora", "training.method",
+                   "training.micro_batch_size", "training.gradient_accumulation_steps", "training.seed")
+
+
+def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
+    current = recipe_to_dict(recipe)
+    changed = []
+    for key in _SAME_ON_RESUME:
+        section, _, field = key.partition(".")
+        mine, theirs = current.get(section), saved.get(section)
+        if field:
+            mine, theirs = (mine or {}).get(field), (theirs or {}).get(field)
+        if saved and mine != theirs:
+            changed.append(key)
+    if changed:
+        raise UserError(f"{path} belongs to a run with a different {', '.join(changed)}; resuming it would mix two "
+                        f"runs. Use a new output_dir (or delete {os.path.dirname(path)})")
+
+
+class _main_process_first:
+    """Rank 0 runs the block first, then the others (a no-op without torch.distributed)."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+        self.dist = dist if dist.is_available() and dist.is_initialized() else None
+        if self.dist and self.dist.get_rank() != 0:
+            self.dist.barrier()
+
+    def __exit__(self, *exc):
+        if self.dist and self.dist.get_rank() == 0:
+            self.dist.barrier()
 
 
 def _truncate_metrics(path: str, step: int) -> None:

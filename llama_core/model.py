@@ -5,7 +5,6 @@ unchanged and PEFT adapters name the same modules (`model.layers.0.self_attn.q_p
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -264,3 +264,13 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tokenizer, capsys):
     recipe = _recipe(tmp_path, tokenizer, training={"method": "lora", "quantize": "4bit"})
     assert main(["--recipe", recipe]) == 2
     assert "4bit (QLoRA) needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_resuming_a_different_run_is_refused(tmp_path, tokenizer, capsys):
+    recipe = _recipe(tmp_path, tokenizer, checkpoint={"every_steps": 2})
+    assert main(["--recipe", recipe]) == 0
+    assert main(["--recipe", recipe, "training.method=lora"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to a run with a different training.method" in err and "Traceback" not in err
+    assert main(["--recipe", recipe, "training.max_steps=6"]) == 0  # more steps of the same run: fine
+    assert max(_losses(tmp_path / "out")) == 6
