@@ -256,10 +256,9 @@ class DeepSpeedEngine:
         if saved is not None and saved != self.world_size:
             raise UserError(
                 f"{path} was written by {saved} ranks, this run has {self.world_size}. ZeRO partitions are per "
-                f"rank: convert it with `python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-                f"{path}/deepspeed --output_folder {path}/universal` and load that with DeepSpeed's universal "
-                f"checkpoint support, or restart from consolidated weights: `finetune export --input {path} "
-                f"--output DIR --format hf`, then model.checkpoint: DIR in a new output_dir (README: Resuming)")
+                f"rank: restart from its consolidated weights instead (the optimizer state starts afresh): "
+                f"`finetune export --input {path} --output DIR --format hf`, then model.checkpoint=DIR with a new "
+                f"output_dir (README: Many GPUs)")
         self.ds.load_checkpoint(path, tag="deepspeed", load_module_strict=not self.lora)
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:

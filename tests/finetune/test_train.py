@@ -64,9 +64,11 @@ def _losses(out) -> dict[int, float]:
 
 
 def test_full_finetune_smoke(tmp_path, tokenizer, hf_twin):
-    recipe = _recipe(tmp_path, tokenizer, eval={"every_steps": 2, "generate_prompts": 2, "max_new_tokens": 4})
+    recipe = _recipe(tmp_path, tokenizer, eval={"every_steps": 2, "generate_prompts": 2, "max_new_tokens": 4},
+                     logging={"tensorboard": True})
     assert main(["--recipe", recipe]) == 0
     out = tmp_path / "out"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("recipe.yaml", "tokenizer.model", "metrics.jsonl", "summary.json", "final/config.json",
                  "final/model.safetensors", "final/tokenizer.model", "final/template.yaml", "samples"):
         assert (out / name).exists(), name
@@ -110,6 +112,16 @@ def test_lora_adapter_loads_in_peft_and_transformers(tmp_path, tokenizer):
         torch.testing.assert_close(ours(input_ids=x), hf(input_ids=x).logits, atol=1e-5, rtol=0)
         # ... and the adapter changes the output (it was trained)
         assert (LlamaForCausalLM.from_pretrained(out / "base")(x).logits - hf(input_ids=x).logits).abs().max() > 1e-4
+
+
+def test_dora_smoke(tmp_path, tokenizer):
+    recipe = _recipe(tmp_path, tokenizer, training={"method": "lora", "max_steps": 2},
+                     lora={"dora": True, "target_modules": ["q_proj", "v_proj"]})
+    assert main(["--recipe", recipe]) == 0
+    config = json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    adapter = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in adapter)
 
 
 def _final_weights(out) -> dict[str, torch.Tensor]:
