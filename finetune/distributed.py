@@ -7,6 +7,7 @@ written by rank 0 as HF safetensors shards, then checked against the model confi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -185,6 +186,7 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=None if optimizer else trainable,
             config=self.config)
+        self.ds.checkpoint_engine = _safe_checkpoint_engine(self.ds._config)
         self.module, self.core = module, core
         if self.stage3:  # say what ZeRO-3 did: each rank holds its share of every parameter
             local = sum(p.ds_tensor.numel() for p in core.parameters() if hasattr(p, "ds_tensor"))
@@ -301,6 +303,44 @@ class DeepSpeedEngine:
                 if self.is_main:
                     shutil.copyfile(tokenizer_file, os.path.join(base + ".tmp", "tokenizer.model"))
                     os.rename(base + ".tmp", base)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed's checkpoint files hold: an enum, and the loss scaler (its attributes
+    are restored as data). Nothing else may be unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def _safe_checkpoint_engine(config):
+    """DeepSpeed's checkpoint engine, loading with `weights_only=True` (its own unpickles freely)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine(config)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block every `torch.load` is `weights_only=True` (for DeepSpeed utilities such as zero_to_fp32,
+    which ask for weights_only=False): reading a checkpoint never runs code."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def _full_shape(p: torch.nn.Parameter):

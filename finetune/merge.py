@@ -264,7 +264,9 @@ def _deepspeed_state(step_dir: Path, config_path: str | None) -> tuple[dict, Lla
         raise UserError(f"{step_dir} is a LoRA run's checkpoint: it holds the adapter only. Use the run's "
                         f"final/ adapter (finetune merge), or resume LoRA on the same number of ranks")
     try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
+        from .distributed import weights_only_loads
+        with weights_only_loads():  # DeepSpeed's reader unpickles freely; a checkpoint must never run code
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
     except Exception as e:  # noqa: BLE001 - deepspeed raises ValueError, FileNotFoundError, KeyError ...
         raise UserError(f"{step_dir}/deepspeed: cannot consolidate the DeepSpeed checkpoint: {e}") from None
     if any(".lora_" in k for k in sd):

@@ -91,3 +91,25 @@ def test_zero3_lora_matches_one_process(tmp_path, tokenizer):
     b = load_file(tmp_path / "zero3" / "final" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert (tmp_path / "zero3" / "base" / "model.safetensors").exists()  # the preset base the adapter needs
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # what an unsafe unpickler would run
+
+
+def test_deepspeed_checkpoints_load_weights_only(tmp_path):
+    from finetune.distributed import _safe_checkpoint_engine, weights_only_loads
+
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _Payload(str(marker))}, tmp_path / "optim_states.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        _safe_checkpoint_engine(None).load(str(tmp_path / "optim_states.pt"))
+    with weights_only_loads(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "optim_states.pt", weights_only=False)  # what DeepSpeed's zero_to_fp32 asks for
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2)}, tmp_path / "fine.pt")
+    assert torch.equal(_safe_checkpoint_engine(None).load(str(tmp_path / "fine.pt"))["w"], torch.ones(2))

@@ -261,7 +261,7 @@ def test_export_consolidates_a_two_rank_zero3_checkpoint(tmp_path, tokenizer):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "hf"
     assert main(["export", "--input", str(step), "--output", str(out), "--format", "hf"]) == 0
-    expected = torch.load(step / "expected.pt")
+    expected = torch.load(step / "expected.pt", weights_only=True)
     got = load_file(out / "model.safetensors")
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k].float()) for k in expected)
