@@ -75,15 +75,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description)
+def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return _Parser(prog=prog, description=description, epilog=epilog)
 
 
 def _recipe_command(command: str, argv: list[str]) -> int | None:
     p = parser(f"finetune {command}" if command != "train" else "finetune",
                {"train": "Fine-tune a LLaMA model as a recipe describes.",
                 "validate": "Check a recipe and report every problem.",
-                "preprocess": "Show how the recipe's data is templated, masked and packed."}[command])
+                "preprocess": "Show how the recipe's data is templated, masked and packed."}[command],
+               epilog="other commands: " + ", ".join(c for c in COMMANDS if c != "train") +
+               " (finetune COMMAND --help)" if command == "train" else None)
     p.add_argument("--recipe", required=True, help="the YAML recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override recipe values, typed as in YAML: training.lr=2e-5 lora.r=16")
