@@ -254,7 +254,8 @@ class DeepSpeedEngine:
 
     def load(self, path: str) -> None:
         state_file = os.path.join(path, "trainer_state.json")
-        saved = json.load(open(state_file, encoding="utf-8")).get("world_size")
+        with open(state_file, encoding="utf-8") as f:
+            saved = json.load(f).get("world_size")
         if saved is not None and saved != self.world_size:
             raise UserError(
                 f"{path} was written by {saved} ranks, this run has {self.world_size}. ZeRO partitions are per "

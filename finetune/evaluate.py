@@ -11,6 +11,7 @@ import os
 import torch
 
 from llama_core.generate import generate
+from llama_core.model import count_targets
 
 from .templates import tokenize
 
@@ -33,7 +34,7 @@ def validation_loss(engine, dataset, micro_batch: int, pad_id: int, max_batches:
         rows = dataset.select(range(start, min(start + micro_batch, n)) if weight else range(min(micro_batch, n)))
         batch = collate(rows, pad_id)
         total += weight * engine.loss_sum(batch).double().cpu()
-        count += weight * int((batch["labels"][:, 1:] != -100).sum())
+        count += weight * int(count_targets(batch["labels"]))
     total, count = engine.all_reduce_sum(total), engine.all_reduce_sum(count)
     if was_training:
         engine.module.train()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_core.model import count_targets
+
 from .build import (add_lora, build_model, load_tokenizer, make_optimizer, pick_device, quantize_base_4bit,
                     resolve_precision, tokenizer_path)
 from .checkpoints import (latest_checkpoint, load_trainer_state, publish_final, restore_rng, save_checkpoint,
@@ -94,7 +96,7 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
         _start_output(recipe, out)
     log = RunLog(out, plan.total_steps, every=recipe.logging.every_steps, tensorboard=recipe.logging.tensorboard,
                  progress=recipe.logging.progress, enabled=engine.is_main, start_step=state.step)
-    log.message(_describe_data(data.stats))
+    log.message(data.stats.describe())
     log.message(f"model: {engine.num_parameters:,} parameters, {_count_trainable(engine):,} trained "
                 f"({t.method}, {precision.name}, {device.type}); {plan.total_steps} steps of "
                 f"{plan.rows_per_step} rows x {recipe.data.max_seq_len} tokens at most")
@@ -128,7 +130,7 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
         # exactly that of one large batch, however the tokens fall into micro-batches. (Dividing each
         # micro-batch's mean by the number of micro-batches would weight short micro-batches too much.)
         batches = [collate(rows, tokenizer.pad_id) for rows in _micro_batches(data.train, plan, step - 1, engine)]
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        local_targets = sum(int(count_targets(b["labels"])) for b in batches)
         n_targets = int(engine.all_reduce_sum(torch.tensor(float(local_targets))).item())
         loss_sum = torch.zeros(())
         for batch in batches:
@@ -395,10 +397,6 @@ def _save(recipe, engine, state: State, root: str) -> str:
     payload = {"state": state.__dict__, "world_size": engine.world_size, "recipe": recipe_to_dict(recipe)}
     return save_checkpoint(root, state.step, engine.save, payload, recipe.checkpoint.keep_last,
                            is_main=engine.is_main, barrier=engine.barrier)
-
-
-def _describe_data(stats) -> str:
-    return f"data: {stats}" if not hasattr(stats, "describe") else stats.describe()
 
 
 class _StopRequest:
