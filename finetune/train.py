@@ -130,15 +130,16 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
         # exactly that of one large batch, however the tokens fall into micro-batches. (Dividing each
         # micro-batch's mean by the number of micro-batches would weight short micro-batches too much.)
         batches = [collate(rows, tokenizer.pad_id) for rows in _micro_batches(data.train, plan, step - 1, engine)]
-        local_targets = sum(int(count_targets(b["labels"])) for b in batches)
-        n_targets = int(engine.all_reduce_sum(torch.tensor(float(local_targets))).item())
-        loss_sum = torch.zeros(())
+        local = torch.tensor([[float(count_targets(b["labels"])), float((b["input_ids"] != tokenizer.pad_id).sum())]
+                              for b in batches]).sum(0)
+        n_targets, tokens = (int(x) for x in engine.all_reduce_sum(local).tolist())  # over all ranks
+        loss_sum = 0.0
         for batch in batches:
             loss = engine.loss_sum(batch)
             # Engines average gradients over ranks, hence the world_size factor.
             engine.backward(loss * (engine.world_size / max(n_targets, 1)))
-            loss_sum += loss.detach().float().cpu()
-        train_loss = engine.all_reduce_sum(loss_sum).item() / max(n_targets, 1)
+            loss_sum = loss_sum + loss.detach().float()  # stays on the device: one transfer per step
+        train_loss = engine.all_reduce_sum(loss_sum.cpu()).item() / max(n_targets, 1)
 
         if not math.isfinite(train_loss):
             if t.nan_policy == "stop":
@@ -153,8 +154,6 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
             grad_norm = engine.step()
         state.step = step
         state.train_loss = train_loss
-        tokens = int(engine.all_reduce_sum(torch.tensor(float(sum(int((b["input_ids"] != tokenizer.pad_id).sum())
-                                                                for b in batches)))).item())
         state.tokens += tokens
         state.trained_tokens += n_targets
         window_tokens += tokens

@@ -12,7 +12,6 @@ from finetune import mmlu
 from finetune.errors import UserError
 from finetune.mmlu import AnswerScorer, Question, build_prompt, encode_question, evaluate_mmlu, load_mmlu
 from finetune.templates import format_choices, load_template, segments_text
-from llama_core.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = [Question(f"Dev question {i}?", (f"w{i}", f"x{i}", f"y{i}", f"z{i}"), "ABCDA"[i]) for i in range(5)]
