@@ -69,7 +69,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     tokens, mask = tokens.to(device), mask.to(device)
     positions = (mask[:, :L].cumsum(dim=1) - 1).clamp(min=0)
     cache = model.make_cache(B, L + steps - 1)  # the last token is never fed back
-    logits = model(tokens, position_ids=positions, attention_mask=mask[:, :L], cache=cache)[:, -1]
+    padded = min(lengths) < L  # without padding no mask is needed: plain causal attention
+    logits = model(tokens, position_ids=positions, attention_mask=mask[:, :L] if padded else None, cache=cache)[:, -1]
     new: list[list[int]] = [[] for _ in range(B)]
     released, done = [0] * B, [False] * B
     for step in range(steps):
@@ -92,7 +93,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             return
         yield out
         logits = model(next_tokens[:, None], position_ids=positions[:, -1:] + step + 1,
-                       attention_mask=mask[:, :L + step + 1], cache=cache)[:, -1]
+                       attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
 
 
 def _stop_check(tokenizer, tokens: list[int], stop: list[str]) -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .config import LlamaConfig
 
 IGNORE_INDEX = -100
@@ -23,10 +24,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 whatever the compute dtype, as the reference does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # in fp32 whatever the compute dtype, as transformers
+
+    def recompute_output(self, x: torch.Tensor, y: torch.Tensor):
+        """A context in which y = self(x) is recomputed for the backward pass instead of saved."""
+        weight = self.weight.detach().clone()  # (dim,): the value now, whatever happens to the parameter later
+        return kernels.recompute_saved(y, lambda: kernels.rms_norm_forward(x, weight, self.eps))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (PEFT adapts it as one), with a faster product for the few rows of decoding on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight) if self.bias is None else super().forward(x)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -35,13 +45,6 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, n_heads, T, head_dim); cos, sin: (B, T, head_dim). Rotates pairs (i, i + head_dim/2).
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
 
 
 class KVCache:
@@ -67,17 +70,17 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)  # pairs (i, i + head_dim/2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_heads, S, head_dim), S = cached + T
         # mask: None means plain causal (or, for a single new token, attend to everything cached).
@@ -90,12 +93,16 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_proj = Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = Linear(config.hidden_dim, config.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, hidden_dim)
+        h = kernels.swiglu(gate, up)  # silu(gate) * up
+        # down_proj saves its input for its weight gradient: keep gate and up (saved anyway) and recompute it.
+        with kernels.recompute_saved(h, lambda: kernels.swiglu_forward(gate, up)):
+            return self.down_proj(h)
 
 
 class TransformerBlock(nn.Module):
@@ -107,63 +114,24 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(config)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.input_layernorm(x)
+        # The linear layers save their input h for their weight gradients: recompute it from x (saved anyway).
+        with self.input_layernorm.recompute_output(x, h):
+            x = x + self.self_attn(h, cos, sin, mask, cache, layer)
+        h = self.post_attention_layernorm(x)
+        with self.post_attention_layernorm.recompute_output(x, h):
+            return x + self.mlp(h)
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
-
-    The gradients are computed in the forward pass, chunk by chunk, so neither the (tokens x vocab) logits nor
-    their softmax ever exist whole; the backward pass only scales them by the incoming gradient. This costs no
-    extra matrix products compared with materializing the logits.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, need_h: bool, need_w: bool):
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk_size):
-            hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = (hc @ weight.t()).float()  # (n, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            # d(sum of CE)/d(logits) = softmax - one_hot(target), computed in place over the logits.
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            if need_h:
-                grad_h[start:start + chunk_size] = g.to(h.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g.t(), hc.float())
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.grads
-        del ctx.grads
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None, None)
-
-
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The output projection. With `targets` it returns the summed cross-entropy, computed in chunks."""
 
-    chunk_size = 1024  # rows per chunk; the largest temporary is chunk_size x vocab_size fp32 values
+    chunk_size = 512  # rows per chunk; the largest temporary is chunk_size x vocab_size fp32 values
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(h)
-        need_h = torch.is_grad_enabled() and h.requires_grad
-        need_w = torch.is_grad_enabled() and self.weight.requires_grad
-        if need_h or need_w:
-            return _ChunkedCrossEntropy.apply(h, self.weight, targets, self.chunk_size, need_h, need_w)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], self.chunk_size):
-            logits = super().forward(h[start:start + self.chunk_size]).float()
-            loss += F.cross_entropy(logits, targets[start:start + self.chunk_size], reduction="sum")
-        return loss
+        return kernels.linear_cross_entropy(h, self.weight, targets, self.chunk_size)
 
 
 class Transformer(nn.Module):

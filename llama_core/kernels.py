@@ -1,0 +1,341 @@
+"""Fused operations of the LLaMA block: the same results as their plain-torch compositions, less memory.
+
+Each op has a reference (`*_reference`: plain torch ops that autograd differentiates, the definition that tests
+compare against) and a fused version, an autograd Function that saves only what its backward pass cannot cheaply
+recompute and creates few temporaries. On CUDA with Triton installed the fused versions run the Triton kernels of
+`llama_core.triton_kernels`; elsewhere they run the torch code below. Under torch.compile the references are traced
+and inductor fuses them itself. `set_backend("reference")` switches the fused versions off (tests, benchmarks).
+
+Saved for the backward pass, per token (d = dim, f = hidden_dim), reference -> fused:
+  RMSNorm  x, x/rms, 1/rms -> x, 1/rms                      (the output is saved by the next linear layers)
+  rotary   nothing -> nothing, with 2 temporaries instead of 4
+  SwiGLU   gate, silu(gate), up, silu(gate) * up -> gate, up  (down_proj's saved input is recomputed from them)
+  linear + cross-entropy  (tokens x vocab) logits and their gradient -> a (chunk x vocab) buffer, reused
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+_BACKENDS = ("auto", "torch", "reference")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """auto: Triton on CUDA when installed, else the fused torch code; torch: never Triton; reference: plain ops."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(_BACKENDS)}")
+    _backend = name
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def _mode(x: torch.Tensor) -> str:
+    """reference, torch or triton, for an op on x."""
+    if _backend == "reference" or torch.compiler.is_compiling():
+        return "reference"
+    if _backend == "auto" and x.is_cuda and triton_available():
+        return "triton"
+    return "torch"
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _triton():
+    from . import triton_kernels
+    return triton_kernels
+
+
+# --- RMSNorm ---
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in fp32 whatever the compute dtype, as transformers does, then scale in the input dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+    y = (xf * rstd).to(x.dtype)
+    if torch.result_type(y, weight) == y.dtype:
+        return y.mul_(weight), rstd
+    return y * weight, rstd
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The value without autograd (also what the backward pass recomputes)."""
+    if _mode(x) == "triton":
+        return _triton().rms_norm_forward(x, weight, eps)
+    return _rms_norm_forward(x, weight, eps)[0]
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd  # x / rms, recomputed
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        # y = w * n with n = x * rstd:  dx = rstd * (dn - n * mean(dn * n)),  dn = w * dy
+        dn = (grad * weight).float()
+        dx = dn.sub_(n.mul_((dn * n).mean(-1, keepdim=True))).mul_(rstd)
+        return dx.to(x.dtype), grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    mode = _mode(x)
+    if mode == "reference":
+        return rms_norm_reference(x, weight, eps)
+    if not _needs_grad(x, weight):
+        return rms_norm_forward(x, weight, eps)
+    if mode == "triton":
+        return _triton().rms_norm(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# --- rotary embeddings (the half-split layout of transformers: pairs (i, i + head_dim/2)) ---
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_heads, T, head_dim); cos, sin: (B, T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """Rotation by +angle (sign 1) or -angle (sign -1, the transpose: the backward pass)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)  # shared by every layer: no memory per layer
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    mode = _mode(x)
+    if mode == "reference":
+        return rotary_reference(x, cos, sin)
+    if mode == "triton":
+        return _triton().rotary(x, cos, sin)
+    if not _needs_grad(x):
+        return _rotate(x, cos, sin, 1.0)
+    return _Rotary.apply(x, cos, sin)
+
+
+# --- SwiGLU: silu(gate) * up ---
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The value without autograd (also what the backward pass recomputes)."""
+    if _mode(gate) == "triton":
+        return _triton().swiglu_forward(gate, up)
+    return F.silu(gate).mul_(up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_up = grad * silu
+        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+        grad_gate = torch.sub(1.0, sig).mul_(silu).add_(sig).mul_(grad).mul_(up)
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    mode = _mode(gate)
+    if mode == "reference":
+        return swiglu_reference(gate, up)
+    if not _needs_grad(gate, up):
+        return swiglu_forward(gate, up)
+    if mode == "triton":
+        return _triton().swiglu(gate, up)
+    return _SwiGLU.apply(gate, up)
+
+
+# --- recomputing a saved activation instead of keeping it ---
+
+class _Recomputed:
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = self.fn()
+        return self.value
+
+
+_recomputed: dict[int, _Recomputed] | None = None  # storage address -> its recomputation, while hooks are ours
+
+
+@contextlib.contextmanager
+def recompute_saved(tensor: torch.Tensor, fn):
+    """Inside the block, wherever autograd would save `tensor` (or a view of it) for the backward pass it keeps
+    `fn` instead, and the backward pass calls `fn()` once to rebuild it. For an activation that is cheap to compute
+    from tensors saved anyway: `fn` must return a contiguous tensor equal to `tensor`, from tensors that nothing
+    modifies in place. Modules called inside (PEFT's LoRA layers, DeepSpeed's hooks) are unaffected: only what they
+    save changes. Blocks nest. A no-op where saving is already customized (activation checkpointing) or fused ops
+    are off."""
+    global _recomputed
+    if not torch.is_grad_enabled() or not tensor.requires_grad or not tensor.is_contiguous() \
+            or _mode(tensor) == "reference":
+        yield
+        return
+    key = tensor.untyped_storage().data_ptr()
+    if _recomputed is not None:  # inside another block: share its hooks
+        _recomputed[key] = _Recomputed(fn)
+        try:
+            yield
+        finally:
+            _recomputed.pop(key, None)
+        return
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        yield
+        return
+    targets = {key: _Recomputed(fn)}
+
+    def pack(t):
+        holder = targets.get(t.untyped_storage().data_ptr())
+        return t if holder is None else (holder, t.shape, t.stride(), t.storage_offset())
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        holder, shape, stride, offset = packed
+        return holder.get().as_strided(shape, stride, offset)
+
+    _recomputed = targets
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _recomputed = None
+
+
+# --- linear layer + cross-entropy, in chunks of rows ---
+
+def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ weight.t()).float(), targets, reduction="sum")
+
+
+def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Turn fp32 logits (n, vocab) in place into d(sum of cross-entropy)/d(logits) = softmax - one_hot(target);
+    return the summed cross-entropy. No temporaries of the logits' size."""
+    target_logits = logits.gather(1, targets[:, None])
+    peak = logits.amax(dim=-1, keepdim=True)
+    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    logits.div_(total)
+    logits[torch.arange(len(targets), device=logits.device), targets] -= 1.0
+    return (total.log_() + peak - target_logits).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
+
+    The gradients are computed in the forward pass, chunk by chunk, so neither the (tokens x vocab) logits nor
+    their softmax ever exist whole; the backward pass only scales them by the incoming gradient. This costs no
+    extra matrix products compared with materializing the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int, need_h: bool, need_w: bool):
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        softmax_grad_ = _triton().softmax_grad_ if _mode(h) == "triton" else _softmax_grad_
+        logits = None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            n = hc.shape[0]
+            if logits is None or logits.shape[0] != n:  # one buffer for all full chunks
+                logits = torch.empty((n, weight.shape[0]), dtype=torch.float32, device=h.device)
+            if h.dtype == torch.float32:
+                torch.mm(hc, weight.t(), out=logits)
+            else:
+                logits.copy_(hc @ weight.t())
+            loss += softmax_grad_(logits, tc)
+            g = logits if h.dtype == torch.float32 else logits.to(h.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[start:start + n])
+            if need_w:
+                grad_w.addmm_(logits.t(), hc.float())
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        return (None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)),
+                None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """sum over rows of cross_entropy(h @ weight.T, targets); h (N, dim), targets (N,) all valid."""
+    need_h = torch.is_grad_enabled() and h.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    if _mode(h) == "reference":
+        return linear_cross_entropy_reference(h, weight, targets)
+    if need_h or need_w:
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk_size, need_h, need_w)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = (h[start:start + chunk_size] @ weight.t()).float()
+        loss += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return loss
+
+
+# --- a linear layer for a handful of rows (decoding) ---
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear without bias. On CPU a few rows (decoding) go through a batched product whose batches are slices of
+    the weight's rows, one per thread: MKL's product for one row runs on one thread (3x slower on 2 cores)."""
+    threads = torch.get_num_threads()
+    N, K = weight.shape
+    rows = x.numel() // K if K else 0
+    if (x.device.type != "cpu" or rows > 16 or rows == 0 or threads < 2 or N % threads or x.dtype != weight.dtype
+            or not weight.is_contiguous() or _mode(x) == "reference"):
+        return F.linear(x, weight)
+    out = torch.bmm(weight.view(threads, N // threads, K), x.reshape(rows, K).t().expand(threads, K, rows))
+    return out.view(N, rows).t().reshape(*x.shape[:-1], N)  # (threads, N/threads, rows) -> (..., N)
