@@ -6,6 +6,8 @@
 Each (implementation, method) runs in its own process, so peak RSS is that configuration's alone; they run
 alternately (ours, theirs, ours, theirs) and the table reports ratios, which drift less than absolute figures.
 Same config, same random weights, same batch (every token trained), fp32, AdamW; the first step is warm-up.
+Ours runs the `finetune` command's LocalEngine step (which returns freed heap pages to the OS on CPU; --no-trim
+turns that off to show its share).
 """
 from __future__ import annotations
 
@@ -20,42 +22,58 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def worker(impl: str, method: str, steps: int, batch: int, seq: int, preset: str) -> dict:
+def worker(impl: str, method: str, steps: int, batch: int, seq: int, preset: str, trim: bool) -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
     from llama_core.config import get_config
-    from llama_core.model import Transformer
+    from llama_core.model import Transformer, count_targets
 
     torch.manual_seed(0)
     config = get_config(preset)
     model = Transformer(config)
     model.reset_parameters(seed=0)
+    core = model
     if impl == "hf":
         import transformers
         hf = config.to_hf()
         twin = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")}, attn_implementation="sdpa"))
         twin.load_state_dict(model.state_dict())
-        del model
+        del model, core
         model = twin
     if method == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as `finetune`
     x = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    if impl == "ours":  # the finetune command's own step: LocalEngine (summed loss / tokens, memory release)
+        from finetune import engine as engine_module
+        from finetune.build import Precision
+        if not trim:
+            engine_module._malloc_trim = None
+        engine = engine_module.LocalEngine(model, core, optimizer, Precision("fp32", torch.float32, None),
+                                           torch.device("cpu"), grad_clip=None)
+        n_targets = count_targets(x).item()
+
+        def train_step():
+            loss = engine.loss_sum({"input_ids": x, "labels": x}) / n_targets
+            engine.backward(loss)
+            engine.step()
+            return loss
+    else:
+        def train_step():
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
     times, losses = [], []
     for step in range(steps + 1):
         start = time.perf_counter()
-        if impl == "hf":
-            loss = model(input_ids=x, labels=x).loss
-        else:
-            loss = model(input_ids=x, labels=x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step()
         if step:  # the first step allocates and warms up
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
@@ -73,17 +91,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each configuration")
+    p.add_argument("--no-trim", action="store_true", help="ours without returning freed heap pages to the OS")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.batch, args.seq, args.preset)))
+        print(json.dumps(worker(*args.worker, args.steps, args.batch, args.seq, args.preset, not args.no_trim)))
         return
     results: dict[tuple, list] = {}
     for _ in range(args.repeats):
         for method in args.methods.split(","):
             for impl in ("ours", "hf"):
                 out = subprocess.run([sys.executable, __file__, "--worker", impl, method, "--steps", str(args.steps),
-                                      "--batch", str(args.batch), "--seq", str(args.seq), "--preset", args.preset],
+                                      "--batch", str(args.batch), "--seq", str(args.seq), "--preset", args.preset]
+                                     + (["--no-trim"] if args.no_trim else []),
                                      capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 results.setdefault((method, impl), []).append(r)

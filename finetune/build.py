@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_core import kernels
 from llama_core.checkpoint import CheckpointError, load_config, load_model
 from llama_core.config import LlamaConfig, get_config
 from llama_core.model import Transformer
@@ -91,6 +92,10 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer, device: torch.device, dtyp
         except CheckpointError as e:
             raise UserError(str(e)) from None
     model.activation_checkpointing = recipe.training.activation_checkpointing
+    kernels.set_backend(recipe.training.kernels)
+    if recipe.training.compile:
+        for layer in model.model.layers:  # in place: parameter names (checkpoints, PEFT) stay as they are
+            layer.compile()
     return model
 
 
@@ -150,6 +155,8 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
     t = recipe.training
+    # Not fused on CPU: torch's fused CPU kernel rounds differently with the tensors' memory alignment, so a resumed
+    # run would drift from the uninterrupted one in the last bits.
     return torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                              fused=device.type == "cuda" or None)
 

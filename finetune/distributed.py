@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from llama_core import kernels
 from llama_core.checkpoint import CheckpointError, iter_checkpoint_tensors, parse_size
 from llama_core.model import Transformer, initial_value
 
@@ -170,6 +171,7 @@ class DeepSpeedEngine:
         if not self.stage3:
             core.to(device=device, dtype=dtype)
         core.activation_checkpointing = recipe.training.activation_checkpointing
+        kernels.set_backend(recipe.training.kernels)
         self._load_weights(core, recipe)
         self.num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in core.parameters())
         module = core

@@ -84,6 +84,9 @@ class TrainingSection:
     grad_clip: Optional[float] = _f(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     activation_checkpointing: bool = False
+    kernels: Literal["auto", "torch", "reference"] = _f(
+        "auto", help="fused ops: Triton on CUDA (auto), their torch versions, or plain reference ops")
+    compile: bool = _f(False, help="torch.compile each transformer block (inductor fuses the reference ops)")
     seed: int = 1234
     nan_policy: Literal["stop", "skip"] = "stop"
     quantize: Optional[Literal["4bit"]] = _f(None, help="QLoRA: load the base in 4-bit (CUDA, bitsandbytes)")
@@ -403,6 +406,9 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
         errors.append(f"{where('training.warmup_ratio')}: give warmup_steps or warmup_ratio, not both")
     if t.quantize and t.method != "lora":
         errors.append(f"{where('training.quantize')}: 4-bit quantization (QLoRA) needs training.method: lora")
+    if t.compile and r.distributed.backend == "deepspeed":
+        errors.append(f"{where('training.compile')}: not supported under DeepSpeed (its ZeRO hooks on every module "
+                      f"break torch.compile's graphs); the fused kernels (training.kernels: auto) apply there")
     targets = r.lora.target_modules
     if isinstance(targets, list):
         for i, name in enumerate(targets):

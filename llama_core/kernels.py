@@ -119,13 +119,15 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """Rotation by +angle (sign 1) or -angle (sign -1, the transpose: the backward pass)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (halves 1, 2 of the last dim), or with `transpose` the
+    rotation's transpose (the backward pass): out1 = x1 c1 + x2 s2, out2 = x2 c2 - x1 s1."""
     cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
+    x1, x2, s1, s2 = x[..., :half], x[..., half:], sin[..., :half], sin[..., half:]
     out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    out[..., :half].addcmul_(x2, s2 if transpose else s1, value=1.0 if transpose else -1.0)
+    out[..., half:].addcmul_(x1, s1 if transpose else s2, value=-1.0 if transpose else 1.0)
     return out
 
 
@@ -133,12 +135,12 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)  # shared by every layer: no memory per layer
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate(x, cos, sin, False)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
+        return _rotate(grad, cos, sin, True), None, None
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if mode == "triton":
         return _triton().rotary(x, cos, sin)
     if not _needs_grad(x):
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate(x, cos, sin, False)
     return _Rotary.apply(x, cos, sin)
 
 
@@ -213,12 +215,13 @@ def recompute_saved(tensor: torch.Tensor, fn):
     """Inside the block, wherever autograd would save `tensor` (or a view of it) for the backward pass it keeps
     `fn` instead, and the backward pass calls `fn()` once to rebuild it. For an activation that is cheap to compute
     from tensors saved anyway: `fn` must return a contiguous tensor equal to `tensor`, from tensors that nothing
-    modifies in place. Modules called inside (PEFT's LoRA layers, DeepSpeed's hooks) are unaffected: only what they
+    modifies in place; `tensor` must own its whole storage (else this is a no-op). Modules called inside (PEFT's LoRA layers, DeepSpeed's hooks) are unaffected: only what they
     save changes. Blocks nest. A no-op where saving is already customized (activation checkpointing) or fused ops
     are off."""
     global _recomputed
-    if not torch.is_grad_enabled() or not tensor.requires_grad or not tensor.is_contiguous() \
-            or _mode(tensor) == "reference":
+    owns_storage = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                    and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+    if not torch.is_grad_enabled() or not owns_storage or _mode(tensor) == "reference":
         yield
         return
     key = tensor.untyped_storage().data_ptr()
@@ -304,8 +307,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("the fused linear + cross-entropy can be backpropagated once (retain_graph is not "
+                               "supported): its gradients were computed in the forward pass and are consumed")
         grad_h, grad_w = ctx.grads
-        del ctx.grads
+        ctx.grads = None
         return (None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)),
                 None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None, None, None)
 
