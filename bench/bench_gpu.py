@@ -5,7 +5,9 @@
     deepspeed --num_gpus 1 bench/bench_gpu.py --zero3   # our DeepSpeed engine (ZeRO-3 runs on one GPU too)
 
 Prints tokens/s, MFU (model FLOPs: 6 x parameters + 12 x layers x dim x sequence per token, over the GPU's dense
-bf16 peak) and peak memory, and appends a row to bench/RESULTS.md. Needs a CUDA GPU.
+bf16 peak) and peak memory, and appends a row to bench/RESULTS.md. With liger-kernel installed, transformers with
+Liger's kernels runs as a third implementation. Needs a CUDA GPU; ours uses the Triton kernels (triton is part of
+torch's CUDA build).
 """
 from __future__ import annotations
 
@@ -46,8 +48,11 @@ def bench_local(impl: str, config, method: str, batch: int, seq: int, steps: int
     with torch.device("cuda"):
         model = Transformer(config)
     model.reset_parameters(seed=0)
-    if impl == "hf":
+    if impl.startswith("hf"):
         import transformers
+        if impl == "hf+liger":  # patches transformers' Llama classes globally: run last
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+            apply_liger_kernel_to_llama()
         hf = config.to_hf("bfloat16")
         twin = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")}, attn_implementation="sdpa"))
@@ -100,7 +105,9 @@ def main() -> None:
     config = get_config(args.preset, **({"n_layers": layers} if layers else {}))
     flops = model_flops_per_token(config, args.seq, 1.0 if args.method == "full" else 2 / 3)
     rows = []
-    for impl in ("ours", "hf"):
+    import importlib.util
+    liger = importlib.util.find_spec("liger_kernel") is not None  # pip install liger-kernel to compare with it
+    for impl in ("ours", "hf") + (("hf+liger",) if liger else ()):
         r = bench_local(impl, config, args.method, args.batch, args.seq, args.steps)
         r["mfu"] = r["tokens_per_s"] * flops / peak_flops()
         rows.append((impl, r))
@@ -114,9 +121,11 @@ def main() -> None:
     for impl, r in rows:
         lines.append(f"| {impl} | {r['tokens_per_s']:,.0f} | {r.get('mfu', float('nan')):.1%} | "
                      f"{r.get('peak_gb', float('nan')):.1f} |")
-    ours, hf = rows[0][1], rows[1][1]
-    lines.append(f"\nours / transformers: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x speed, "
-                 f"{ours['peak_gb'] / hf['peak_gb']:.2f}x peak memory")
+    ours = rows[0][1]
+    for impl, r in rows[1:]:
+        if "peak_gb" in r:
+            lines.append(f"\nours / {impl}: {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x speed, "
+                         f"{ours['peak_gb'] / r['peak_gb']:.2f}x peak memory")
     print("\n".join(lines))
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

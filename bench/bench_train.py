@@ -6,8 +6,8 @@
 Each (implementation, method) runs in its own process, so peak RSS is that configuration's alone; they run
 alternately (ours, theirs, ours, theirs) and the table reports ratios, which drift less than absolute figures.
 Same config, same random weights, same batch (every token trained), fp32, AdamW; the first step is warm-up.
-Ours runs the `finetune` command's LocalEngine step (which returns freed heap pages to the OS on CPU; --no-trim
-turns that off to show its share).
+Ours runs the `finetune` command's LocalEngine step, which on CPU by default returns freed heap pages to the OS
+after each block and step (training.release_memory); --no-trim runs it with that off, to show the trade-off.
 """
 from __future__ import annotations
 
@@ -52,10 +52,8 @@ def worker(impl: str, method: str, steps: int, batch: int, seq: int, preset: str
     if impl == "ours":  # the finetune command's own step: LocalEngine (summed loss / tokens, memory release)
         from finetune import engine as engine_module
         from finetune.build import Precision
-        if not trim:
-            engine_module._malloc_trim = None
         engine = engine_module.LocalEngine(model, core, optimizer, Precision("fp32", torch.float32, None),
-                                           torch.device("cpu"), grad_clip=None)
+                                           torch.device("cpu"), grad_clip=None, release_memory=trim)
         n_targets = count_targets(x).item()
 
         def train_step():
@@ -91,7 +89,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each configuration")
-    p.add_argument("--no-trim", action="store_true", help="ours without returning freed heap pages to the OS")
+    p.add_argument("--no-trim", action="store_true",
+                   help="ours with training.release_memory: false (freed heap pages stay with the process)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

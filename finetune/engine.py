@@ -17,35 +17,65 @@ from .build import Precision, autocast_context
 from .errors import UserError
 
 
-def release_free_memory() -> None:
-    """Return the C heap's free pages to the OS (glibc's malloc_trim; elsewhere nothing).
+def release_free_memory(keep: int = 256 << 20) -> None:
+    """Return the C heap's free pages to the OS once it holds more than `keep` bytes free (glibc; elsewhere nothing).
 
     On CPU, tensors of a few MB come from the C heap, and glibc keeps what is freed: a training step's temporaries
-    and activations leave the heap holding free memory, and peak RSS creeps up over the first steps to ~1.5x the live
-    peak. Trimming after the forward pass and after each step costs a few ms (bench/RESULTS.md)."""
-    if _malloc_trim is not None:
+    and activations leave holes that later allocations only partly reuse, and peak RSS creeps up over the first
+    steps to ~1.6x the live peak. The CPU engine calls this after each block's forward and backward pass and after
+    each step (recipe: training.release_memory). Trimming costs page faults when the memory is used again: 5-25%
+    of a step's time on the reference CPU config (bench/RESULTS.md)."""
+    if _malloc_trim is not None and (_free_heap_bytes is None or _free_heap_bytes() > keep):
         _malloc_trim(0)
 
 
-def _find_malloc_trim():
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _glibc():
+    """malloc_trim, and a function giving the heap's free bytes (mallinfo2), where the C library has them."""
     try:
-        return ctypes.CDLL(None).malloc_trim
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
     except (OSError, AttributeError):
-        return None
+        return None, None
+    try:
+        mallinfo2 = libc.mallinfo2
+        mallinfo2.restype = _MallInfo2
+        return trim, lambda: mallinfo2().fordblks
+    except AttributeError:
+        return trim, None
 
 
-_malloc_trim = _find_malloc_trim()
+_malloc_trim, _free_heap_bytes = _glibc()
+
+
+def _release_after_block(module, inputs, output) -> None:
+    release_free_memory()
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        output.register_hook(_release_and_pass)
+
+
+def _release_and_pass(grad: torch.Tensor) -> None:
+    release_free_memory()
 
 
 class LocalEngine:
     rank, world_size, is_main = 0, 1, True
 
     def __init__(self, module: torch.nn.Module, core: Transformer, optimizer: torch.optim.Optimizer,
-                 precision: Precision, device: torch.device, grad_clip: float | None):
+                 precision: Precision, device: torch.device, grad_clip: float | None, release_memory: bool = True):
         self.module, self.core, self.optimizer = module, core, optimizer  # module: the PeftModel or the core
         self.precision, self.device, self.grad_clip = precision, device, grad_clip
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
+        self.release_memory = release_memory and device.type == "cpu"
+        if self.release_memory:  # after each block's forward and backward pass, what it freed (release_free_memory)
+            for block in core.model.layers:
+                block.register_forward_hook(_release_after_block)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.core.named_parameters() if p.requires_grad}
@@ -56,7 +86,7 @@ class LocalEngine:
             return self.core(**batch, reduction="sum")
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.device.type == "cpu":
+        if self.release_memory:
             release_free_memory()  # the forward pass's temporaries, before the backward pass takes pages anew
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
@@ -76,7 +106,7 @@ class LocalEngine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cpu":
+        if self.release_memory:
             release_free_memory()
         return norm.item()
 

@@ -59,12 +59,18 @@ def memory_plan(recipe: Recipe, config, nproc: int, nodes: int = 1) -> dict:
         weights, grads, optim, cpu = 4 * total, 4 * total, 8 * total, 0.0
     compute_bytes = 4 if t.precision == "fp32" else 2
     tokens = t.micro_batch_size * recipe.data.max_seq_len
-    if t.activation_checkpointing:
-        per_layer = config.dim  # each block's input is kept; one block is recomputed at a time
-        activations = tokens * compute_bytes * (config.n_layers * per_layer + 18 * config.dim + 4 * config.hidden_dim)
+    # Saved per token and block: with the fused ops (llama_core.kernels) the block input and midpoint, the two
+    # normalized inputs of the linear layers, q, k, v, the attention output, and SwiGLU's gate and up; the plain
+    # composition keeps about 18 x dim + 4 x hidden (norm intermediates, rotary temporaries, silu, the product).
+    if t.kernels == "reference" or t.compile:
+        block = 18 * config.dim + 4 * config.hidden_dim
     else:
-        activations = tokens * compute_bytes * config.n_layers * (18 * config.dim + 4 * config.hidden_dim)
-    activations += min(tokens, 1024) * config.vocab_size * 4 * 2  # one loss chunk: logits and their gradient
+        block = 8 * config.dim + 2 * config.hidden_dim
+    if t.activation_checkpointing:  # each block's input is kept; one block is recomputed at a time
+        activations = tokens * compute_bytes * (config.n_layers * config.dim + block)
+    else:
+        activations = tokens * compute_bytes * config.n_layers * block
+    activations += min(tokens, 512) * config.vocab_size * 4 * 2  # one loss chunk: logits (turned into their gradient)
     return {"parameters": total, "largest_layer_parameters": largest, "gpus": gpus, "zero_stage": stage,
             "weights": weights, "gradients": grads, "optimizer": optim, "activations": activations,
             "per_gpu": weights + grads + optim + activations, "cpu_per_node": cpu}

@@ -227,7 +227,8 @@ def _local_engine(recipe: Recipe, tokenizer, precision, device):
         for p in base.parameters():
             p.requires_grad_(True)
     optimizer = make_optimizer(module, recipe, device)
-    engine = SingleDeviceRun(module, base, optimizer, precision, device, recipe.training.grad_clip)
+    engine = SingleDeviceRun(module, base, optimizer, precision, device, recipe.training.grad_clip,
+                             release_memory=recipe.training.release_memory)
     engine.num_parameters = num_parameters
     return engine
 

@@ -31,7 +31,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
                     stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
