@@ -15,6 +15,7 @@ Saved for the backward pass, per token (d = dim, f = hidden_dim), reference -> f
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 import torch
@@ -32,6 +33,7 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 

@@ -5,6 +5,7 @@ unchanged and PEFT adapters name the same modules (`model.layers.0.self_attn.q_p
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,10 @@ class RMSNorm(nn.Module):
 
     def recompute_output(self, x: torch.Tensor, y: torch.Tensor):
         """A context in which y = self(x) is recomputed for the backward pass instead of saved."""
-        weight = self.weight.detach().clone()  # (dim,): the value now, whatever happens to the parameter later
+        weight = self.weight.detach()
+        if weight.shape != x.shape[-1:]:  # already partitioned away again (DeepSpeed ZeRO-3): keep y
+            return contextlib.nullcontext()
+        weight = weight.clone()  # (dim,): the value now, whatever happens to the parameter later
         return kernels.recompute_saved(y, lambda: kernels.rms_norm_forward(x, weight, self.eps))
 
 
