@@ -21,12 +21,13 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-_BACKENDS = ("auto", "torch", "reference")
+_BACKENDS = ("auto", "torch", "triton", "reference")
 _backend = "auto"
 
 
 def set_backend(name: str) -> None:
-    """auto: Triton on CUDA when installed, else the fused torch code; torch: never Triton; reference: plain ops."""
+    """auto: Triton on CUDA when installed, else the fused torch code; torch: never Triton; triton: always Triton
+    (on CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1: for tests); reference: plain ops."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(_BACKENDS)}")
@@ -42,7 +43,7 @@ def _mode(x: torch.Tensor) -> str:
     """reference, torch or triton, for an op on x."""
     if _backend == "reference" or torch.compiler.is_compiling():
         return "reference"
-    if _backend == "auto" and x.is_cuda and triton_available():
+    if _backend == "triton" or (_backend == "auto" and x.is_cuda and triton_available()):
         return "triton"
     return "torch"
 
@@ -51,9 +52,71 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _triton():
-    from . import triton_kernels
-    return triton_kernels
+class _TorchOps:
+    """The fused ops' forward and backward steps in torch; `llama_core.triton_kernels` has the same functions."""
+
+    @staticmethod
+    def rms_norm_forward(x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        y = (xf * rstd).to(x.dtype)
+        if torch.result_type(y, weight) == y.dtype:
+            return y.mul_(weight), rstd
+        return y * weight, rstd
+
+    @staticmethod
+    def rms_norm_backward(grad, x, weight, rstd, need_weight_grad: bool):
+        n = x.float() * rstd  # x / rms, recomputed
+        grad_weight = None
+        if need_weight_grad:
+            grad_weight = (grad * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        # y = w * n with n = x * rstd:  dx = rstd * (dn - n * mean(dn * n)),  dn = w * dy
+        dn = (grad * weight).float()
+        dx = dn.sub_(n.mul_((dn * n).mean(-1, keepdim=True))).mul_(rstd)
+        return dx.to(x.dtype), grad_weight
+
+    @staticmethod
+    def rotate(x, cos, sin, transpose: bool):
+        """out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (halves 1, 2 of the last dim), or with `transpose` the
+        rotation's transpose (the backward pass): out1 = x1 c1 + x2 s2, out2 = x2 c2 - x1 s1."""
+        cos, sin = cos[:, None], sin[:, None]
+        half = x.shape[-1] // 2
+        x1, x2, s1, s2 = x[..., :half], x[..., half:], sin[..., :half], sin[..., half:]
+        out = x * cos
+        out[..., :half].addcmul_(x2, s2 if transpose else s1, value=1.0 if transpose else -1.0)
+        out[..., half:].addcmul_(x1, s1 if transpose else s2, value=-1.0 if transpose else 1.0)
+        return out
+
+    @staticmethod
+    def swiglu_forward(gate, up):
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def swiglu_backward(grad, gate, up):
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_up = grad * silu
+        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+        grad_gate = torch.sub(1.0, sig).mul_(silu).add_(sig).mul_(grad).mul_(up)
+        return grad_gate, grad_up
+
+    @staticmethod
+    def softmax_grad_(logits, targets):
+        """Turn fp32 logits (n, vocab) in place into d(sum of cross-entropy)/d(logits) = softmax - one_hot(target);
+        return the summed cross-entropy. No temporaries of the logits' size."""
+        target_logits = logits.gather(1, targets[:, None])
+        peak = logits.amax(dim=-1, keepdim=True)
+        total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        logits.div_(total)
+        logits[torch.arange(len(targets), device=logits.device), targets] -= 1.0
+        return (total.log_() + peak - target_logits).sum()
+
+
+def _ops(x: torch.Tensor):
+    if _mode(x) == "triton":
+        from . import triton_kernels
+        return triton_kernels
+    return _TorchOps
 
 
 # --- RMSNorm ---
@@ -65,51 +128,32 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
-def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
-    y = (xf * rstd).to(x.dtype)
-    if torch.result_type(y, weight) == y.dtype:
-        return y.mul_(weight), rstd
-    return y * weight, rstd
-
-
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The value without autograd (also what the backward pass recomputes)."""
-    if _mode(x) == "triton":
-        return _triton().rms_norm_forward(x, weight, eps)
-    return _rms_norm_forward(x, weight, eps)[0]
+    return _ops(x).rms_norm_forward(x, weight, eps)[0]
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_norm_forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, ops):
+        y, rstd = ops.rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.ops = ops
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        n = x.float() * rstd  # x / rms, recomputed
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        # y = w * n with n = x * rstd:  dx = rstd * (dn - n * mean(dn * n)),  dn = w * dy
-        dn = (grad * weight).float()
-        dx = dn.sub_(n.mul_((dn * n).mean(-1, keepdim=True))).mul_(rstd)
-        return dx.to(x.dtype), grad_weight, None
+        dx, dw = ctx.ops.rms_norm_backward(grad, x, weight, rstd, ctx.needs_input_grad[1])
+        return dx, dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    mode = _mode(x)
-    if mode == "reference":
+    if _mode(x) == "reference":
         return rms_norm_reference(x, weight, eps)
     if not _needs_grad(x, weight):
         return rms_norm_forward(x, weight, eps)
-    if mode == "triton":
-        return _triton().rms_norm(x, weight, eps)
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps, _ops(x))
 
 
 # --- rotary embeddings (the half-split layout of transformers: pairs (i, i + head_dim/2)) ---
@@ -121,39 +165,25 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (halves 1, 2 of the last dim), or with `transpose` the
-    rotation's transpose (the backward pass): out1 = x1 c1 + x2 s2, out2 = x2 c2 - x1 s1."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    x1, x2, s1, s2 = x[..., :half], x[..., half:], sin[..., :half], sin[..., half:]
-    out = x * cos
-    out[..., :half].addcmul_(x2, s2 if transpose else s1, value=1.0 if transpose else -1.0)
-    out[..., half:].addcmul_(x1, s1 if transpose else s2, value=-1.0 if transpose else 1.0)
-    return out
-
-
 class _Rotary(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, ops):
         ctx.save_for_backward(cos, sin)  # shared by every layer: no memory per layer
-        return _rotate(x, cos, sin, False)
+        ctx.ops = ops
+        return ops.rotate(x, cos, sin, False)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, True), None, None
+        return ctx.ops.rotate(grad, cos, sin, True), None, None, None
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    mode = _mode(x)
-    if mode == "reference":
+    if _mode(x) == "reference":
         return rotary_reference(x, cos, sin)
-    if mode == "triton":
-        return _triton().rotary(x, cos, sin)
     if not _needs_grad(x):
-        return _rotate(x, cos, sin, False)
-    return _Rotary.apply(x, cos, sin)
+        return _ops(x).rotate(x, cos, sin, False)
+    return _Rotary.apply(x, cos, sin, _ops(x))
 
 
 # --- SwiGLU: silu(gate) * up ---
@@ -164,37 +194,28 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The value without autograd (also what the backward pass recomputes)."""
-    if _mode(gate) == "triton":
-        return _triton().swiglu_forward(gate, up)
-    return F.silu(gate).mul_(up)
+    return _ops(gate).swiglu_forward(gate, up)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, ops):
         ctx.save_for_backward(gate, up)
-        return swiglu_forward(gate, up)
+        ctx.ops = ops
+        return ops.swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_up = grad * silu
-        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
-        grad_gate = torch.sub(1.0, sig).mul_(silu).add_(sig).mul_(grad).mul_(up)
-        return grad_gate, grad_up
+        return *ctx.ops.swiglu_backward(grad, gate, up), None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    mode = _mode(gate)
-    if mode == "reference":
+    if _mode(gate) == "reference":
         return swiglu_reference(gate, up)
     if not _needs_grad(gate, up):
         return swiglu_forward(gate, up)
-    if mode == "triton":
-        return _triton().swiglu(gate, up)
-    return _SwiGLU.apply(gate, up)
+    return _SwiGLU.apply(gate, up, _ops(gate))
 
 
 # --- recomputing a saved activation instead of keeping it ---
@@ -263,17 +284,6 @@ def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, target
     return F.cross_entropy((h @ weight.t()).float(), targets, reduction="sum")
 
 
-def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Turn fp32 logits (n, vocab) in place into d(sum of cross-entropy)/d(logits) = softmax - one_hot(target);
-    return the summed cross-entropy. No temporaries of the logits' size."""
-    target_logits = logits.gather(1, targets[:, None])
-    peak = logits.amax(dim=-1, keepdim=True)
-    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
-    logits.div_(total)
-    logits[torch.arange(len(targets), device=logits.device), targets] -= 1.0
-    return (total.log_() + peak - target_logits).sum()
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
 
@@ -287,7 +297,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        softmax_grad_ = _triton().softmax_grad_ if _mode(h) == "triton" else _softmax_grad_
+        softmax_grad_ = _ops(h).softmax_grad_
         logits = None
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]

@@ -1,9 +1,10 @@
 """Triton kernels for the fused ops of `llama_core.kernels` on the GPU: RMSNorm, rotary, SwiGLU, and the
-softmax-gradient step of the chunked linear + cross-entropy (whose matrix products stay with cuBLAS).
+softmax-gradient step of the chunked linear + cross-entropy (whose matrix products stay with cuBLAS). The functions
+mirror `kernels._TorchOps`; the autograd Functions in `kernels` call one or the other.
 
 Each works in fp32 registers whatever the storage dtype and rounds once when storing, so in bf16 they are at least
 as accurate as the plain-torch references they are tested against. `llama_core.kernels` dispatches here for CUDA
-tensors; the tests also run these kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+tensors; the tests also run them on CPU through Triton's interpreter (TRITON_INTERPRET=1, backend "triton").
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _rms_norm_bwd(X, W, DY, RSTD, DX, DW, stride_x, stride_dy, stride_dx, M, N, 
         tl.store(DW + pid * N + cols, dw, mask=mask)
 
 
-def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     x2 = _rows(x)
     M, N = x2.shape
     y = torch.empty((M, N), dtype=torch.result_type(x, weight), device=x.device)
@@ -67,35 +68,17 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return y.view(x.shape), rstd
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _rms_norm_forward(x, weight, eps)[0]
-
-
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x2, dy = _rows(x), _rows(grad)
-        M, N = x2.shape
-        dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        programs = min(M, 512)  # each program sums its rows' share of the weight gradient
-        rows_per_program = triton.cdiv(M, programs)
-        programs = triton.cdiv(M, rows_per_program)
-        has_dw = ctx.needs_input_grad[1]
-        dw = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_dw else dx
-        _rms_norm_bwd[(programs,)](x2, weight, dy, rstd, dx, dw, x2.stride(0), dy.stride(0), dx.stride(0), M, N,
-                                   rows_per_program, BLOCK=triton.next_power_of_2(N), HAS_DW=has_dw)
-        return dx.view(x.shape), dw.sum(0).to(weight.dtype) if has_dw else None, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm_backward(grad, x, weight, rstd, need_weight_grad: bool):
+    x2, dy = _rows(x), _rows(grad)
+    M, N = x2.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    programs = min(M, 512)  # each program sums its rows' share of the weight gradient
+    rows_per_program = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows_per_program)
+    dw = torch.empty((programs, N), dtype=torch.float32, device=x.device) if need_weight_grad else dx
+    _rms_norm_bwd[(programs,)](x2, weight, dy, rstd, dx, dw, x2.stride(0), dy.stride(0), dx.stride(0), M, N,
+                               rows_per_program, BLOCK=triton.next_power_of_2(N), HAS_DW=need_weight_grad)
+    return dx.view(x.shape), dw.sum(0).to(weight.dtype) if need_weight_grad else None
 
 
 # --- rotary embeddings, half-split layout: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 ---
@@ -130,7 +113,7 @@ def _rotary_kernel(X, COS, SIN, OUT, sxb, sxh, sxt, sob, soh, sot, scb, sct, H, 
     tl.store(o + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
     # x: (B, n_heads, T, head_dim), any strides with a unit last stride; cos, sin: (B, T, head_dim)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -142,22 +125,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bo
                              BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D // 2),
                              TRANSPOSE=transpose)
     return out
-
-
-class _Rotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, True), None, None
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return _Rotary.apply(x, cos, sin)
 
 
 # --- SwiGLU ---
@@ -195,24 +162,12 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return swiglu_forward(gate, up)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = (t.contiguous() for t in ctx.saved_tensors)
-        grad = grad.contiguous()
-        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        _swiglu_bwd[(triton.cdiv(n, _EW_BLOCK),)](gate, up, grad, grad_gate, grad_up, n, BLOCK=_EW_BLOCK)
-        return grad_gate, grad_up
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _SwiGLU.apply(gate, up)
+def swiglu_backward(grad, gate, up):
+    gate, up, grad = gate.contiguous(), up.contiguous(), grad.contiguous()
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    _swiglu_bwd[(triton.cdiv(n, _EW_BLOCK),)](gate, up, grad, grad_gate, grad_up, n, BLOCK=_EW_BLOCK)
+    return grad_gate, grad_up
 
 
 # --- cross-entropy gradient, in place over a chunk of fp32 logits ---
@@ -240,7 +195,7 @@ def _softmax_grad_kernel(LOGITS, TARGETS, LOSS, stride, V, BLOCK: tl.constexpr):
 
 
 def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Like `kernels._softmax_grad_`: logits (n, vocab) fp32 become the gradient; returns the summed loss."""
+    """As in `kernels._TorchOps`: logits (n, vocab) fp32 become the gradient; returns the summed loss."""
     n, V = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     _softmax_grad_kernel[(n,)](logits, targets.contiguous(), loss, logits.stride(0), V,
