@@ -54,6 +54,8 @@ _malloc_trim, _free_heap_bytes = _glibc()
 
 
 def _release_after_block(module, inputs, output) -> None:
+    if not torch.is_grad_enabled():  # evaluation and generation: little is freed, and it runs per token
+        return
     release_free_memory()
     if isinstance(output, torch.Tensor) and output.requires_grad:
         output.register_hook(_release_and_pass)
