@@ -113,10 +113,12 @@ class _TorchOps:
 
 
 def _ops(x: torch.Tensor):
-    if _mode(x) == "triton":
+    """The fused steps for an op on x (`_TorchOps` or `triton_kernels`), or None for the reference ops."""
+    mode = _mode(x)
+    if mode == "triton":
         from . import triton_kernels
         return triton_kernels
-    return _TorchOps
+    return None if mode == "reference" else _TorchOps
 
 
 # --- RMSNorm ---
@@ -130,7 +132,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The value without autograd (also what the backward pass recomputes)."""
-    return _ops(x).rms_norm_forward(x, weight, eps)[0]
+    return (_ops(x) or _TorchOps).rms_norm_forward(x, weight, eps)[0]
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -149,11 +151,12 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _mode(x) == "reference":
+    ops = _ops(x)
+    if ops is None:
         return rms_norm_reference(x, weight, eps)
     if not _needs_grad(x, weight):
-        return rms_norm_forward(x, weight, eps)
-    return _RMSNorm.apply(x, weight, eps, _ops(x))
+        return ops.rms_norm_forward(x, weight, eps)[0]
+    return _RMSNorm.apply(x, weight, eps, ops)
 
 
 # --- rotary embeddings (the half-split layout of transformers: pairs (i, i + head_dim/2)) ---
@@ -179,11 +182,12 @@ class _Rotary(torch.autograd.Function):
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if _mode(x) == "reference":
+    ops = _ops(x)
+    if ops is None:
         return rotary_reference(x, cos, sin)
     if not _needs_grad(x):
-        return _ops(x).rotate(x, cos, sin, False)
-    return _Rotary.apply(x, cos, sin, _ops(x))
+        return ops.rotate(x, cos, sin, False)
+    return _Rotary.apply(x, cos, sin, ops)
 
 
 # --- SwiGLU: silu(gate) * up ---
@@ -194,7 +198,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The value without autograd (also what the backward pass recomputes)."""
-    return _ops(gate).swiglu_forward(gate, up)
+    return (_ops(gate) or _TorchOps).swiglu_forward(gate, up)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -211,11 +215,12 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _mode(gate) == "reference":
+    ops = _ops(gate)
+    if ops is None:
         return swiglu_reference(gate, up)
     if not _needs_grad(gate, up):
-        return swiglu_forward(gate, up)
-    return _SwiGLU.apply(gate, up, _ops(gate))
+        return ops.swiglu_forward(gate, up)
+    return _SwiGLU.apply(gate, up, ops)
 
 
 # --- recomputing a saved activation instead of keeping it ---
@@ -297,7 +302,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        softmax_grad_ = _ops(h).softmax_grad_
+        softmax_grad_ = (_ops(h) or _TorchOps).softmax_grad_
         logits = None
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
@@ -329,7 +334,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:
+                         chunk_size: int = 512) -> torch.Tensor:
     """sum over rows of cross_entropy(h @ weight.T, targets); h (N, dim), targets (N,) all valid."""
     need_h = torch.is_grad_enabled() and h.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
