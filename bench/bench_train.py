@@ -44,7 +44,10 @@ def worker(impl: str, method: str, steps: int, batch: int, seq: int, preset: str
         model = twin
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+
+        from finetune.lora import lora_config  # ours: as `finetune` builds it (PEFT with a fused forward)
+        make_config = lora_config if impl == "ours" else LoraConfig
+        model = get_peft_model(model, make_config(r=16, lora_alpha=32, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as `finetune`

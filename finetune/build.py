@@ -106,11 +106,13 @@ def lora_targets(recipe: Recipe) -> list[str]:
 
 def add_lora(model: Transformer, recipe: Recipe, base_path: str | None):
     """Wrap with PEFT LoRA (or DoRA): only the adapter trains; adapters are kept in fp32."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from .lora import lora_config
 
     lora = recipe.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora_targets(recipe), use_dora=lora.dora, bias="none")
+    config = lora_config(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=lora_targets(recipe), use_dora=lora.dora, bias="none")
     # The adapter's random initialization depends only on the seed, not on how the base was built (building it
     # inside deepspeed.zero.Init draws from the global generator, for instance).
     with torch.random.fork_rng(devices=[]):

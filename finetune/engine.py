@@ -17,16 +17,32 @@ from .build import Precision, autocast_context
 from .errors import UserError
 
 
-def release_free_memory(keep: int = 256 << 20) -> None:
-    """Return the C heap's free pages to the OS once it holds more than `keep` bytes free (glibc; elsewhere nothing).
+def release_free_memory(keep: int = 256 << 20) -> bool:
+    """Return the C heap's free pages to the OS once more than `keep` bytes of resident memory are heap memory
+    that nothing uses (glibc on Linux; elsewhere nothing). Returns whether it trimmed.
 
-    On CPU, tensors of a few MB come from the C heap, and glibc keeps what is freed: a training step's temporaries
-    and activations leave holes that later allocations only partly reuse, and peak RSS creeps up over the first
-    steps to ~1.6x the live peak. The CPU engine calls this after each block's forward and backward pass and after
-    each step (recipe: training.release_memory). Trimming costs page faults when the memory is used again: 5-25%
-    of a step's time on the reference CPU config (bench/RESULTS.md)."""
-    if _malloc_trim is not None and (_free_heap_bytes is None or _free_heap_bytes() > keep):
+    On CPU, tensors of a few MB come from the C heap, and glibc keeps what is freed: torch's 64-byte-aligned
+    allocations rarely fit the exact holes their predecessors leave, so without trimming peak RSS sits ~0.5-0.7 GB
+    above the live peak. The CPU engine calls this after each block's forward and backward pass and after each step
+    (recipe: training.release_memory). Trimmed pages fault back in when the heap hands them out again, which is
+    why only a surplus over `keep` is released: ~8% of a full step's time, ~1% of a LoRA step's on the reference
+    CPU config (bench/RESULTS.md)."""
+    global _outside_heap
+    if _malloc_trim is None:
+        return False
+    resident, in_use = _resident_bytes(), _heap_in_use()
+    if resident is None or in_use is None:  # no way to measure: trim whenever glibc holds enough free memory
+        if _free_heap_bytes is not None and _free_heap_bytes() <= keep:
+            return False
         _malloc_trim(0)
+        return True
+    # What is resident besides the heap (code, Python's own arenas, mapped files) is the smallest difference seen:
+    # right after a trim, the heap holds (almost) nothing unused.
+    _outside_heap = min(_outside_heap, resident - in_use)
+    if resident - in_use - _outside_heap <= keep:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 class _MallInfo2(ctypes.Structure):
@@ -36,21 +52,36 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _glibc():
-    """malloc_trim, and a function giving the heap's free bytes (mallinfo2), where the C library has them."""
+    """malloc_trim, and functions giving the heap's free and used bytes (mallinfo2), where the C library has them."""
     try:
         libc = ctypes.CDLL(None)
         trim = libc.malloc_trim
     except (OSError, AttributeError):
-        return None, None
+        return None, None, None
     try:
         mallinfo2 = libc.mallinfo2
         mallinfo2.restype = _MallInfo2
-        return trim, lambda: mallinfo2().fordblks
     except AttributeError:
-        return trim, None
+        return trim, None, lambda: None
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd  # allocated from the heap, and allocated as their own mappings
+
+    return trim, lambda: mallinfo2().fordblks, in_use
 
 
-_malloc_trim, _free_heap_bytes = _glibc()
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_malloc_trim, _free_heap_bytes, _heap_in_use = _glibc()
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_outside_heap = float("inf")
 
 
 def _release_after_block(module, inputs, output) -> None:

@@ -1,0 +1,77 @@
+"""finetune.engine's memory release: when it trims the C heap, and that trimming returns memory for real."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from finetune import engine
+
+MB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def heap(monkeypatch):
+    """A fake process: set `heap.resident` and `heap.in_use` (bytes); `heap.trims` counts malloc_trim calls."""
+    class Heap:
+        resident, in_use, trims = 900 * MB, 500 * MB, 0
+
+        def trim(self, pad):
+            self.trims += 1
+            self.resident = self.in_use + 400 * MB  # what is resident besides the heap: 400 MB
+
+    fake = Heap()
+    monkeypatch.setattr(engine, "_malloc_trim", fake.trim)
+    monkeypatch.setattr(engine, "_resident_bytes", lambda: fake.resident)
+    monkeypatch.setattr(engine, "_heap_in_use", lambda: fake.in_use)
+    monkeypatch.setattr(engine, "_outside_heap", float("inf"))
+    return fake
+
+
+def test_trims_only_a_surplus_of_unused_resident_heap(heap):
+    assert not engine.release_free_memory(keep=256 * MB)  # the first call only learns what is resident besides
+    heap.resident += 200 * MB  # 200 MB freed and kept by the heap: under `keep`
+    assert not engine.release_free_memory(keep=256 * MB)
+    heap.resident += 100 * MB
+    assert engine.release_free_memory(keep=256 * MB) and heap.trims == 1
+    assert heap.resident == 900 * MB and engine._outside_heap == 400 * MB
+    heap.in_use += 300 * MB  # live memory grows: nothing to release
+    heap.resident += 300 * MB
+    assert not engine.release_free_memory(keep=256 * MB) and heap.trims == 1
+
+
+def test_falls_back_to_the_free_byte_count(heap, monkeypatch):
+    monkeypatch.setattr(engine, "_resident_bytes", lambda: None)
+    monkeypatch.setattr(engine, "_free_heap_bytes", lambda: 100 * MB)
+    assert not engine.release_free_memory(keep=256 * MB)
+    monkeypatch.setattr(engine, "_free_heap_bytes", lambda: 300 * MB)
+    assert engine.release_free_memory(keep=256 * MB) and heap.trims == 1
+
+
+REAL_HEAP = """
+import ctypes
+from finetune import engine
+MB = 1 << 20
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+libc.mallopt(-3, 64 * MB)  # M_MMAP_THRESHOLD: 4 MB blocks come from the heap, as torch's tensors of a few MB do
+blocks = [libc.malloc(4 * MB) for _ in range(100)]
+for b in blocks:
+    ctypes.memset(b, 1, 4 * MB)
+keeper = libc.malloc(4 * MB)  # above them: the heap's top cannot shrink by itself
+assert not engine.release_free_memory()  # learns what is resident besides the heap
+before = engine._resident_bytes()
+for b in blocks:
+    libc.free(b)
+assert engine._resident_bytes() > before - 16 * MB  # glibc kept the freed blocks
+assert engine.release_free_memory(keep=256 * MB)
+assert engine._resident_bytes() < before - 300 * MB, (before, engine._resident_bytes())
+"""
+
+
+@pytest.mark.skipif(engine._malloc_trim is None or engine._resident_bytes() is None, reason="glibc on Linux only")
+def test_really_returns_freed_heap_memory():
+    subprocess.run([sys.executable, "-c", REAL_HEAP], check=True, cwd=ROOT)  # its own process: mallopt stays there
