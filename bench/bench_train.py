@@ -50,7 +50,8 @@ def worker(impl: str, method: str, steps: int, batch: int, seq: int, preset: str
         model = get_peft_model(model, make_config(r=16, lora_alpha=32, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as `finetune`
+    # Fused AdamW on both sides: `finetune` uses it on CPU too, and it is one argument away for the peer.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     x = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     if impl == "ours":  # the finetune command's own step: LocalEngine (summed loss / tokens, memory release)
         from finetune import engine as engine_module
