@@ -243,9 +243,9 @@ def recompute_saved(tensor: torch.Tensor, fn):
     """Inside the block, wherever autograd would save `tensor` (or a view of it) for the backward pass it keeps
     `fn` instead, and the backward pass calls `fn()` once to rebuild it. For an activation that is cheap to compute
     from tensors saved anyway: `fn` must return a contiguous tensor equal to `tensor`, from tensors that nothing
-    modifies in place; `tensor` must own its whole storage (else this is a no-op). Modules called inside (PEFT's LoRA layers, DeepSpeed's hooks) are unaffected: only what they
-    save changes. Blocks nest. A no-op where saving is already customized (activation checkpointing) or fused ops
-    are off."""
+    modifies in place; `tensor` must own its whole storage (else this is a no-op). Modules called inside (PEFT's
+    LoRA layers, DeepSpeed's hooks) are unaffected: only what they save changes. Blocks nest. A no-op where saving
+    is already customized (activation checkpointing) or fused ops are off."""
     global _recomputed
     owns_storage = (tensor.is_contiguous() and tensor.storage_offset() == 0
                     and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
@@ -289,6 +289,9 @@ def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, target
     return F.cross_entropy((h @ weight.t()).float(), targets, reduction="sum")
 
 
+_logits_buffers: dict[tuple, torch.Tensor] = {}  # (vocab, device) -> the logits chunk buffer of the last CPU step
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
 
@@ -300,15 +303,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int, need_h: bool, need_w: bool):
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None
+        if need_w:  # the first chunk writes it (no zero fill), unless there are no rows at all
+            make = torch.empty if h.shape[0] else torch.zeros
+            grad_w = make(weight.shape, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         softmax_grad_ = (_ops(h) or _TorchOps).softmax_grad_
-        logits = None
+        key, rows = (weight.shape[0], h.device), min(chunk_size, h.shape[0])
+        buffer = _logits_buffers.pop(key, None)  # taken while in use: a concurrent call makes its own
+        if buffer is None or buffer.shape[0] < rows:  # one buffer for all chunks
+            buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
             n = hc.shape[0]
-            if logits is None or logits.shape[0] != n:  # one buffer for all full chunks
-                logits = torch.empty((n, weight.shape[0]), dtype=torch.float32, device=h.device)
+            logits = buffer[:n]
             if h.dtype == torch.float32:
                 torch.mm(hc, weight.t(), out=logits)
             else:
@@ -317,9 +325,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = logits if h.dtype == torch.float32 else logits.to(h.dtype)
             if need_h:
                 torch.mm(g, weight, out=grad_h[start:start + n])
-            if need_w:
+            if need_w and start == 0:
+                torch.mm(logits.t(), hc.float(), out=grad_w)
+            elif need_w:
                 grad_w.addmm_(logits.t(), hc.float())
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        if h.device.type == "cpu":  # kept for the next step: a fresh CPU buffer costs its page faults every time
+            _logits_buffers[key] = buffer
         return loss
 
     @staticmethod

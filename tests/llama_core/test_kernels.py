@@ -118,6 +118,19 @@ def test_linear_cross_entropy(chunk_size, need_h, need_w):
         assert torch.equal(again, ref) and again.grad_fn.name() == ref.grad_fn.name()
 
 
+def test_linear_cross_entropy_keeps_one_buffer_across_sizes():
+    """The CPU logits buffer outlives the call (no page faults each step): any later size still computes right."""
+    weight = rand(50, 16, seed=1)
+    for i, (rows, chunk_size) in enumerate([(11, 4), (3, 4), (20, 8), (7, 64), (0, 8)]):
+        h = rand(rows, 16, seed=10 + i)
+        targets = torch.randint(0, 50, (rows,), generator=torch.Generator().manual_seed(i))
+        loss, ref = (fn(h, weight, targets) for fn in (
+            lambda *a: kernels.linear_cross_entropy(*a, chunk_size), kernels.linear_cross_entropy_reference))
+        torch.testing.assert_close(loss, ref, **TOL)
+        assert_all_close(torch.autograd.grad(loss, (h, weight)), torch.autograd.grad(ref, (h, weight)))
+    assert [key for key in kernels._logits_buffers if key[0] == 50] == [(50, torch.device("cpu"))]
+
+
 # --- recompute_saved ---
 
 class Counted:
