@@ -276,6 +276,7 @@ def activation_bytes(model, ids, labels):
         loss = model(ids, labels=labels)
     gc.collect()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weight.t() etc. are views of them
+    params |= {b.untyped_storage().data_ptr() for b in kernels._logits_buffers.values()}  # a cache, not saved
     alive = {ptr: n for ref, ptr, n in made.storages if ref() is not None and ptr not in params}
     return sum(alive.values()), loss
 
