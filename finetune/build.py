@@ -168,6 +168,8 @@ def load_adapter(model: Transformer, adapter_dir: str, *, trainable: bool = Fals
     model it loads as a plain PeftModel, which needs no generation API)."""
     from peft import PeftConfig, PeftModel
 
-    config = PeftConfig.from_pretrained(adapter_dir)
+    from .lora import with_fused_layers
+
+    config = with_fused_layers(PeftConfig.from_pretrained(adapter_dir))
     config.task_type = None
     return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=trainable)

@@ -46,7 +46,11 @@ class LoraLinear(PeftLoraLinear):
 
 def lora_config(**kwargs) -> LoraConfig:
     """peft.LoraConfig(**kwargs) whose LoRA layers on llama_core's Linear are `LoraLinear`."""
-    config = LoraConfig(**kwargs)
-    if hasattr(config, "_register_custom_module"):  # PEFT >= 0.12 (an experimental API: else PEFT's own layer)
-        config._register_custom_module({Linear: LoraLinear})
+    return with_fused_layers(LoraConfig(**kwargs))
+
+
+def with_fused_layers(config):
+    """`config` (a PEFT config read from an adapter, say), registering `LoraLinear` if it is a LoRA config."""
+    if isinstance(config, LoraConfig) and hasattr(config, "_register_custom_module"):  # PEFT >= 0.12; an
+        config._register_custom_module({Linear: LoraLinear})  # experimental API: without it, PEFT's own layer
     return config

@@ -110,3 +110,15 @@ def test_adapter_files_are_peft_s(tiny_model, hf_twin, tmp_path):
     ids = torch.arange(12).view(1, 12)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids), theirs(input_ids=ids).logits)
+
+
+def test_adapters_loaded_back_use_the_fused_layer(tiny_model, tmp_path):
+    from finetune.build import load_adapter
+
+    ours = adapted(tiny_model, True).eval()
+    ours.save_pretrained(tmp_path)
+    loaded = load_adapter(tiny_model(), str(tmp_path)).eval()
+    assert sum(isinstance(m, LoraLinear) for m in loaded.modules()) == 2 * len(TARGETS)
+    ids = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids), ours(input_ids=ids))
