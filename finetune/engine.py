@@ -22,11 +22,11 @@ def release_free_memory(keep: int = 256 << 20) -> bool:
     that nothing uses (glibc on Linux; elsewhere nothing). Returns whether it trimmed.
 
     On CPU, tensors of a few MB come from the C heap, and glibc keeps what is freed: torch's 64-byte-aligned
-    allocations rarely fit the exact holes their predecessors leave, so without trimming peak RSS sits ~0.5-0.7 GB
+    allocations rarely fit the exact holes their predecessors leave, so without trimming peak RSS sits ~0.4 GB
     above the live peak. The CPU engine calls this after each block's forward and backward pass and after each step
-    (recipe: training.release_memory). Trimmed pages fault back in when the heap hands them out again, which is
-    why only a surplus over `keep` is released: ~8% of a full step's time, ~1% of a LoRA step's on the reference
-    CPU config (bench/RESULTS.md)."""
+    (recipe: training.release_memory). A trim takes ~30 ms, and trimmed pages fault back in when the heap hands
+    them out again, which is why only a surplus over `keep` is released: ~3 trims and ~8-10% of a step's time on
+    the reference CPU config (bench/RESULTS.md)."""
     global _outside_heap
     if _malloc_trim is None:
         return False
