@@ -34,8 +34,9 @@ class LoraLinear(PeftLoraLinear):
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
-        if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
-            return None  # DoRA and the other variants, or a trained LoRA bias
+        variant = name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False)
+        if name not in self.lora_A or variant or self.lora_B[name].bias is not None:
+            return None  # DoRA and the other variants (older PEFT: use_dora), or a trained LoRA bias
         a_weight, b_weight = self.lora_A[name].weight, self.lora_B[name].weight
         if hasattr(b_weight, "ds_id") or torch.is_autocast_enabled(x.device.type):
             return None  # ZeRO-3 gathers B only when lora_B runs; autocast would mix dtypes in the in-place add
