@@ -17,16 +17,17 @@ from .build import Precision, autocast_context
 from .errors import UserError
 
 
-def release_free_memory(keep: int = 256 << 20) -> bool:
+def release_free_memory(keep: int = 256 << 20, near_peak: int = 64 << 20) -> bool:
     """Return the C heap's free pages to the OS once more than `keep` bytes of resident memory are heap memory
-    that nothing uses (glibc on Linux; elsewhere nothing). Returns whether it trimmed.
+    that nothing uses, and the process is within `near_peak` bytes of its peak RSS so far (glibc on Linux;
+    elsewhere nothing). Returns whether it trimmed.
 
     On CPU, tensors of a few MB come from the C heap, and glibc keeps what is freed: torch's 64-byte-aligned
     allocations rarely fit the exact holes their predecessors leave, so without trimming peak RSS sits ~0.4 GB
     above the live peak. The CPU engine calls this after each block's forward and backward pass and after each step
     (recipe: training.release_memory). A trim takes ~30 ms, and trimmed pages fault back in when the heap hands
-    them out again, which is why only a surplus over `keep` is released: ~3 trims and ~8-10% of a step's time on
-    the reference CPU config (bench/RESULTS.md)."""
+    them out again, which is why it trims only a surplus over `keep`, and only close to the peak, where a trim
+    keeps the peak from rising: ~1-2 trims a step on the reference CPU config (bench/RESULTS.md)."""
     global _outside_heap
     if _malloc_trim is None:
         return False
@@ -41,8 +42,18 @@ def release_free_memory(keep: int = 256 << 20) -> bool:
     _outside_heap = min(_outside_heap, resident - in_use)
     if resident - in_use - _outside_heap <= keep:
         return False
+    if resident + near_peak < _peak_resident():  # a trim here cannot lower the peak, and its pages would come back
+        return False
     _malloc_trim(0)
     return True
+
+
+def _peak_resident() -> int:
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class _MallInfo2(ctypes.Structure):

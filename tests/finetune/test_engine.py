@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def heap(monkeypatch):
     """A fake process: set `heap.resident` and `heap.in_use` (bytes); `heap.trims` counts malloc_trim calls."""
     class Heap:
-        resident, in_use, trims = 900 * MB, 500 * MB, 0
+        resident, in_use, trims, peak = 900 * MB, 500 * MB, 0, 0
 
         def trim(self, pad):
             self.trims += 1
@@ -27,6 +27,7 @@ def heap(monkeypatch):
     monkeypatch.setattr(engine, "_malloc_trim", fake.trim)
     monkeypatch.setattr(engine, "_resident_bytes", lambda: fake.resident)
     monkeypatch.setattr(engine, "_heap_in_use", lambda: fake.in_use)
+    monkeypatch.setattr(engine, "_peak_resident", lambda: max(fake.resident, fake.peak))
     monkeypatch.setattr(engine, "_outside_heap", float("inf"))
     return fake
 
@@ -41,6 +42,15 @@ def test_trims_only_a_surplus_of_unused_resident_heap(heap):
     heap.in_use += 300 * MB  # live memory grows: nothing to release
     heap.resident += 300 * MB
     assert not engine.release_free_memory(keep=256 * MB) and heap.trims == 1
+
+
+def test_trims_only_close_to_the_peak(heap):
+    engine.release_free_memory()
+    heap.peak = 2000 * MB  # an earlier peak (loading, say) far above: trimming now would not lower it
+    heap.resident += 400 * MB
+    assert not engine.release_free_memory(keep=256 * MB, near_peak=64 * MB)
+    heap.resident = 1950 * MB  # within 64 MB of it
+    assert engine.release_free_memory(keep=256 * MB, near_peak=64 * MB) and heap.trims == 1
 
 
 def test_falls_back_to_the_free_byte_count(heap, monkeypatch):
