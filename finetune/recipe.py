@@ -88,7 +88,7 @@ class TrainingSection:
         "auto", help="fused ops: Triton on CUDA (auto), their torch versions, or plain reference ops")
     compile: bool = _f(False, help="torch.compile each transformer block (inductor fuses the reference ops)")
     release_memory: bool = _f(True, help="CPU: return freed heap memory to the OS when over 256 MB of it is unused "
-                                         "(peak RSS near the live peak; costs ~8-10% speed)")
+                                         "near the peak (peak RSS near the live peak; costs a few % of speed)")
     seed: int = 1234
     nan_policy: Literal["stop", "skip"] = "stop"
     quantize: Optional[Literal["4bit"]] = _f(None, help="QLoRA: load the base in 4-bit (CUDA, bitsandbytes)")
