@@ -127,5 +127,6 @@ def main() -> None:
         print(f"{method:<6}{ours:>12.0f}{hf:>10.0f}{ours / hf:>7.2f}x{paired:>7.2f}x{ours_mem:>9.2f}{hf_mem:>7.2f}"
               f"{ours_mem / hf_mem:>7.2f}x")
 
+
 if __name__ == "__main__":
     main()

@@ -8,6 +8,11 @@ from __future__ import annotations
 import ctypes
 import os
 
+try:
+    import resource
+except ImportError:  # not a Unix
+    resource = None
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -49,9 +54,7 @@ def release_free_memory(keep: int = 256 << 20, near_peak: int = 64 << 20) -> boo
 
 
 def _peak_resident() -> int:
-    try:
-        import resource
-    except ImportError:  # not a Unix
+    if resource is None:  # not a Unix
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
