@@ -47,7 +47,7 @@ from datasets import Dataset, Features, Sequence, Value
 from llama_core.model import IGNORE_INDEX
 
 from .errors import DataError
-from .recipe import DataSection, DatasetSection
+from .recipe import DataSection, DatasetSection, looks_like_local_path
 from .templates import Template, encode_segments, Segment
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -134,17 +134,12 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
-def _looks_like_path(spec_path: str) -> bool:
-    return (spec_path.startswith((".", "/", "~")) or spec_path.count("/") > 1 or "\\" in spec_path
-            or Path(spec_path).suffix.lower() in {*DATA_EXTS, ".txt", ".tsv", ".gz", ".arrow"})
-
-
 def _source(spec: DatasetSection, base_dir: str) -> tuple[str, object]:
     """("local", [files]) or ("hub", id), with the identity that goes into the cache key."""
     path = Path(base_dir, os.path.expanduser(spec.path))
     if path.exists():
         return "local", _data_files(path)
-    if _looks_like_path(spec.path):
+    if looks_like_local_path(spec.path):
         raise DataError(f"dataset file not found: {spec.path} (paths are relative to the current directory, "
                         f"{Path(base_dir).resolve()})")
     return "hub", spec.path
@@ -159,7 +154,7 @@ def _identity(kind: str, source) -> object:
 def _read_json(path: Path) -> tuple[list[str], list[str]]:
     """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, and their locations ("file:line")."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is skipped
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix.lower() == ".json":
@@ -174,6 +169,42 @@ def _read_json(path: Path) -> tuple[list[str], list[str]]:
     # split on "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold raw
     lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]  # parsed in _process
     return [line for _, line in lines], [f"{path}:{n}" for n, _ in lines]
+
+
+def _csv_layout(files: list[Path]) -> tuple[list[str], list[str]]:
+    """The header of CSV files (they must agree) and each data row's location "file:line"; a file that is not
+    UTF-8 or a row with the wrong number of fields is an error naming its file and line."""
+    header, where = None, []
+    for f in files:
+        line = 1
+        try:
+            with open(f, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Excel) is skipped
+                reader = csv.reader(fh)
+                columns = next(reader, None)
+                if not columns:
+                    raise DataError(f"{f}:1: a CSV file needs a header line with the column names")
+                if header is None:
+                    header = columns
+                elif columns != header:
+                    raise DataError(f"{f}:1: columns {columns} differ from {files[0]}'s {header}")
+                line = reader.line_num + 1
+                for row in reader:
+                    if row and len(row) != len(header):  # blank lines are skipped
+                        raise DataError(f"{f}:{line}: {len(row)} fields, but the header has {len(header)}")
+                    if row:
+                        where.append(f"{f}:{line}")
+                    line = reader.line_num + 1
+        except UnicodeDecodeError:
+            raw = f.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw[:e.start].count(b"\n") + 1
+                raise DataError(f"{f}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise DataError(f"{f}: not UTF-8 text") from None
+        except csv.Error as e:
+            raise DataError(f"{f}:{line}: malformed CSV: {e}") from None
+    return header, where
 
 
 def _hub_reachable() -> bool:
@@ -206,16 +237,25 @@ def _load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
             where += w
         ds = Dataset.from_dict({"_json": rows, "_where": where})
     else:
-        extra = {}
+        extra, where = {}, []
         if loader == "csv":  # every cell is text ("007" stays "007"); an empty cell is a missing field
-            with open(files[0], newline="", encoding="utf-8") as f:
-                extra["features"] = Features({c: Value("string") for c in next(csv.reader(f), [])})
+            header, where = _csv_layout(files)
+            extra = {"features": Features({c: Value("string") for c in header}), "encoding": "utf-8-sig"}
+        else:
+            import pyarrow.parquet as pq
+            for f in files:
+                try:
+                    where += [f"{f}, row {i + 1}" for i in range(pq.read_metadata(f).num_rows)]
+                except Exception as e:
+                    raise DataError(f"{f}: not a readable parquet file: {e}") from None
         try:
             ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train",
                                        cache_dir=hf_cache, **extra)
-        except Exception as e:
-            raise DataError(f"cannot read {spec.path}: {e}") from None
-        ds = ds.add_column("_where", [f"{spec.path}, row {i + 1}" for i in range(len(ds))])
+        except Exception as e:  # datasets wraps the parser's error: show the cause
+            raise DataError(f"cannot read {spec.path}: {e.__cause__ or e}") from None
+        if len(where) != len(ds):  # the CSV parsers disagree on some odd file: number the rows
+            where = [f"{spec.path}, row {i + 1}" for i in range(len(ds))]
+        ds = ds.add_column("_where", where)
     try:
         parts = datasets.ReadInstruction.from_spec(spec.split).to_absolute({"train": len(ds)})
     except Exception as e:
@@ -237,7 +277,15 @@ def _text(row: dict, cols: dict, name: str, optional: bool = False) -> str:
         raise _Bad(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip() and not optional:
         raise _Bad(f"field {key!r} is empty")
-    return value
+    return _unicode(value, f"field {key!r}")
+
+
+def _unicode(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer takes
+        raise _Bad(f"{what} is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return text
 
 
 def normalize(row: dict, fmt: str, cols: dict) -> list[dict]:
@@ -263,7 +311,7 @@ def normalize(row: dict, fmt: str, cols: dict) -> list[dict]:
             raise _Bad(f"turn {i}: unknown role {role!r} (known: {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise _Bad(f"turn {i}: content must be a string, got {type(content).__name__}")
-        messages.append({"role": ROLES[role], "content": content, "input": ""})
+        messages.append({"role": ROLES[role], "content": _unicode(content, f"turn {i}"), "input": ""})
     for i, m in enumerate(messages[1:] if messages[0]["role"] == "system" else messages):
         if m["role"] != ("user", "assistant")[i % 2]:
             raise _Bad(f"turns must be an optional system message, then user and assistant alternating; got "
@@ -425,7 +473,10 @@ def _build(cfg: DataSection, specs, sources, val_sources, template, tokenizer, h
         st = stats.datasets.setdefault(_name(spec, stats.datasets), DatasetStats())
         tok, kept = _tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}t{i}")
         rng = np.random.default_rng([cfg.seed, i])
-        if cfg.val_fraction > 0 and len(kept) > 1:
+        if cfg.val_fraction > 0 and len(kept) < 2:
+            raise DataError(f"dataset {spec.path}: data.val_fraction needs at least 2 examples to hold some out, "
+                            f"it has {len(kept)}")
+        if cfg.val_fraction > 0:
             perm = rng.permutation(kept)
             st.held_out = max(1, round(cfg.val_fraction * len(kept)))
             val_parts.append((tok, np.sort(perm[:st.held_out])))

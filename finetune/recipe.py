@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,22 +160,50 @@ class RecipeError(UserError):
     """One or more problems in a recipe; the message lists them all."""
 
 
+DATASET_FIELDS = {"alpaca": ("instruction", "input", "output"), "text": ("text",),
+                  "conversations": ("conversations", "messages")}  # what `columns` may rename, per format
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+LOCAL_DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".gz", ".arrow"}
+
+
+def looks_like_local_path(path: str) -> bool:
+    """Whether a dataset path names a local file or folder; otherwise it is a Hub id (`tatsu-lab/alpaca`)."""
+    return (path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+            or os.path.splitext(path)[1].lower() in LOCAL_DATA_SUFFIXES)
+
+
+def read_yaml_file(path: str, what: str) -> tuple[Any, dict[str, Any]]:
+    """(value, lines) of a YAML file read safely; lines maps dotted keys to line numbers, and its
+    "__duplicates__" entry lists (line, message) for keys given twice. Raises UserError naming the file."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a {what} file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} file not found") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+    try:
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text), lines
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
 def load_recipe(path: str, overrides: list[str] = (), *, check_paths: bool = True) -> Recipe:
     """Read, override and validate a recipe; raises RecipeError listing every problem found."""
-    if not os.path.isfile(path):
-        raise RecipeError(f"{path}: recipe file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        raw, lines = read_yaml_file(path, "recipe")
+    except UserError as e:
+        raise RecipeError(str(e)) from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}:1: a recipe must be a mapping of sections, got {type(raw).__name__}")
@@ -181,9 +211,10 @@ def load_recipe(path: str, overrides: list[str] = (), *, check_paths: bool = Tru
     for item in overrides:
         _apply_override(raw, item, lines, errors)
     errors.extend(f"{path}:{line}: {message}" for line, message in lines.pop("__duplicates__", []))
-    recipe = _build(Recipe, raw, "", errors, _Where(path, lines), check_paths)
+    where = _Where(path, lines)
+    recipe = _build(Recipe, raw, "", errors, where, check_paths)
     recipe.source = path
-    _check_recipe(recipe, errors, _Where(path, lines), check_paths)
+    _check_recipe(recipe, errors, where, check_paths)
     if errors:
         raise RecipeError(f"{path}: {len(errors)} problem{'s' * (len(errors) > 1)}:\n" +
                           "\n".join(f"  {e}" for e in errors))
@@ -205,9 +236,12 @@ def dump_recipe(recipe: Recipe) -> str:
 class _Where:
     def __init__(self, path: str, lines: dict[str, Any]):
         self.path, self.lines = path, lines
+        self.failed: set[str] = set()  # keys with a problem reported: rules spanning keys skip them
 
     def __call__(self, key: str) -> str:
-        """`file:line: key` for messages; overrides are reported as coming from the command line."""
+        """`file:line: key` for a problem's message (so the key is recorded as failed); overrides are reported as
+        coming from the command line."""
+        self.failed.add(key)
         probe = key
         while probe and probe not in self.lines:
             probe = probe.rpartition(".")[0] if "[" not in probe.rpartition(".")[2] else probe.rpartition("[")[0]
@@ -236,29 +270,49 @@ def _key_lines(node, prefix: str = "", out: dict | None = None) -> dict[str, int
 
 
 def _apply_override(raw: dict, item: str, lines: dict, errors: list[str]) -> None:
-    """`training.lr=2e-5`: the value is parsed as YAML, so types follow the same rules as in the file."""
+    """`training.lr=2e-5`, `datasets[0].path=x.jsonl`: the value is parsed as YAML, so types follow the same rules
+    as in the file."""
     key, sep, value = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        errors.append(f"command line: {item!r}: overrides look like section.key=value")
+    parts = key.split(".")
+    steps = [re.fullmatch(r"([^\[\]]+)(?:\[(\d+)\])?", part) for part in parts]
+    if not sep or not all(steps):
+        errors.append(f"command line: {item!r}: overrides look like section.key=value (list items: "
+                      f"datasets[0].path=value)")
         return
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        if not isinstance(node.get(part, {}), dict):
-            errors.append(f"command line: {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
-            return
-        node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
+    node: Any = raw
+    for depth, step in enumerate(steps):
+        name, index = step.group(1), step.group(2)
+        where = ".".join(parts[:depth] + [name])
+        last = depth == len(steps) - 1
+        if index is not None:
+            items = node.get(name)
+            if not isinstance(items, list) or int(index) >= len(items):
+                count = f"{len(items)} items" if isinstance(items, list) else "no list"
+                errors.append(f"command line: {item!r}: {where} has {count}; only existing items can be overridden")
+                return
+            node, name = items, int(index)
+        if last:
+            node[name] = parsed
+        else:
+            if isinstance(node, dict) and node.get(name) is None:  # a new or empty section
+                node[name] = {}
+            if not isinstance(node[name], dict):
+                errors.append(f"command line: {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+                return
+            node = node[name]
+    for depth in range(len(parts)):  # a problem found on the key or a new parent is the command line's
+        lines.setdefault(".".join(parts[:depth + 1]), "override")
     lines[key] = "override"
 
 
 # --- schema-driven validation ---------------------------------------------------------------------------------
 
 def _build(cls, raw, key: str, errors: list[str], where: _Where, check_paths: bool):
+    raw = {} if raw is None else raw  # an empty section (`eval:`) takes the defaults
     if not isinstance(raw, dict):
         errors.append(f"{where(key)}: expected a mapping of keys, got {_show(raw)}")
         return cls() if _all_defaults(cls) else None
@@ -295,10 +349,12 @@ def _convert(tp, value, key, errors, where, check_paths, meta):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        failed = set(where.failed)
         for option in options:  # the first option that converts without errors wins
             trial: list[str] = []
             result = _convert(option, value, key, trial, where, check_paths, meta)
             if not trial:
+                where.failed = failed
                 return result
         if len(options) == 1:
             errors.extend(trial)
@@ -308,8 +364,10 @@ def _convert(tp, value, key, errors, where, check_paths, meta):
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):
             return value
+        same_text = [a for a in args if str(a) == str(value)]
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = (f" (write {same_text[0]!r} without quotes: not a string)"
+                if same_text else f" (did you mean {close[0]!r}?)" if close else "")
         errors.append(f"{where(key)}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
         return None
     if origin is list:
@@ -341,6 +399,9 @@ def _convert(tp, value, key, errors, where, check_paths, meta):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where(key)}: expected a number, got {_show(value)}")
             return None
+        if not math.isfinite(value):
+            errors.append(f"{where(key)}: expected a finite number, got {value!r}")
+            return None
         value = float(value)
     elif tp is str:
         if not isinstance(value, str):
@@ -351,6 +412,8 @@ def _convert(tp, value, key, errors, where, check_paths, meta):
         if bound in meta and not ok(value, meta[bound]):
             errors.append(f"{where(key)}: must be {word} {meta[bound]}, got {value!r}")
     kind = meta.get("path")
+    if kind and isinstance(value, str):
+        value = os.path.expanduser(value)
     if kind and check_paths and isinstance(value, str):
         exists = os.path.isfile(value) if kind == "file" else os.path.isdir(value)
         if not exists:
@@ -370,10 +433,11 @@ def _describe(tp) -> str:
 
 def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool) -> None:
     """Rules that span several keys."""
-    from llama_core.config import PRESETS, LlamaConfig
+    from llama_core.config import PRESETS, LlamaConfig, get_config
 
     m = r.model
-    if (m.preset is None) == (m.checkpoint is None):
+    ok = lambda *keys: not any(k in where.failed for k in keys)  # noqa: E731 (no follow-on errors)
+    if (m.preset is None) == (m.checkpoint is None) and ok("model.preset", "model.checkpoint"):
         errors.append(f"{where('model')}: give exactly one of model.preset and model.checkpoint")
     if m.preset is not None and m.preset not in PRESETS:
         close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
@@ -384,22 +448,34 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
         if name not in valid_config:
             errors.append(f"{where('model.config.' + str(name))}: not a model config field; "
                           f"valid: {', '.join(sorted(valid_config))}")
+    if m.preset in PRESETS and m.config and set(m.config) <= valid_config and ok("model.config"):
+        try:  # the values, checked by the config itself
+            get_config(m.preset, **m.config)
+        except (ValueError, TypeError) as e:
+            errors.append(f"{where('model.config')}: {e}")
     if r.tokenizer.path is None and m.checkpoint is not None and check_paths:
         if not os.path.isfile(os.path.join(m.checkpoint, "tokenizer.model")):
             errors.append(f"{where('tokenizer')}: no tokenizer.path given and {m.checkpoint}/tokenizer.model "
                           f"does not exist")
-    if r.tokenizer.path is None and m.checkpoint is None:
+    if r.tokenizer.path is None and m.checkpoint is None and ok("tokenizer.path", "model.checkpoint"):
         errors.append(f"{where('tokenizer.path')}: a preset model needs tokenizer.path")
-    if not r.datasets:
+    if not r.datasets and ok("datasets"):
         errors.append(f"{where('datasets')}: at least one dataset is needed")
-    for i, d in enumerate((r.datasets or []) + (r.data.validation or [])):
+    all_datasets = [(f"datasets[{i}]", d) for i, d in enumerate(r.datasets or [])]
+    all_datasets += [(f"data.validation[{i}]", d) for i, d in enumerate(r.data.validation or [])]
+    for key, d in all_datasets:
         if d is None or not isinstance(d.path, str):
             continue
-        looks_local = os.sep in d.path or d.path.startswith(".") or os.path.splitext(d.path)[1] != ""
-        if check_paths and looks_local and not os.path.exists(d.path):
-            key = f"datasets[{i}].path" if i < len(r.datasets) else f"data.validation[{i - len(r.datasets)}].path"
-            errors.append(f"{where(key)}: file not found: {d.path!r} (relative paths are from the current "
-                          f"directory, {os.getcwd()})")
+        if check_paths and looks_like_local_path(d.path) and not os.path.exists(os.path.expanduser(d.path)):
+            errors.append(f"{where(key + '.path')}: file not found: {d.path!r} (relative paths are from the current "
+                          f"directory, {os.getcwd()}; a Hugging Face Hub id looks like owner/name)")
+        fields = DATASET_FIELDS.get(d.format, ())
+        for ours, theirs in (d.columns or {}).items():
+            if ours not in fields:
+                errors.append(f"{where(f'{key}.columns.{ours}')}: not a field of the {d.format!r} format; "
+                              f"valid: {', '.join(fields)} (columns map our field name to the dataset's column)")
+            elif not isinstance(theirs, str) or not theirs:
+                errors.append(f"{where(f'{key}.columns.{ours}')}: expected a column name, got {_show(theirs)}")
     t = r.training
     if t.betas is not None and (len(t.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1
                                                               for b in t.betas)):
@@ -434,7 +510,14 @@ def _check_recipe(r: Recipe, errors: list[str], where: _Where, check_paths: bool
     if r.distributed.offload_params and r.distributed.zero_stage != 3:
         errors.append(f"{where('distributed.offload_params')}: parameter offload needs zero_stage: 3")
     if isinstance(r.template, str) and check_paths:
-        from .templates import BUILTINS
+        from .templates import BUILTINS, load_template
         if r.template not in BUILTINS and not os.path.isfile(r.template):
             errors.append(f"{where('template')}: {r.template!r} is neither a built-in template "
                           f"({', '.join(BUILTINS)}) nor a template file")
+        else:
+            try:
+                load_template(r.template)
+            except UserError as e:
+                errors.append(f"{where('template')}: {e}")
+    if isinstance(r.output_dir, str) and os.path.exists(r.output_dir) and not os.path.isdir(r.output_dir):
+        errors.append(f"{where('output_dir')}: {r.output_dir!r} is a file; output_dir must be a folder")

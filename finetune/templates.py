@@ -31,7 +31,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from .errors import UserError
 
@@ -93,8 +92,8 @@ def _fill(fmt: str, **values: str) -> str:
 
 
 class Template:
-    def __init__(self, definition: dict, source: str = "<template>"):
-        self.definition = _validate(definition, source)
+    def __init__(self, definition: dict, source: str = "<template>", lines: dict | None = None):
+        self.definition = _validate(definition, source, lines)
         for key, value in self.definition.items():
             setattr(self, key, value)
         header, _, response = self.assistant.partition("{content}")
@@ -235,27 +234,33 @@ def tokenize(segments: list[Segment], tokenizer) -> list[int]:
     return [i for ids in encode_segments(segments, tokenizer) for i in ids]
 
 
-def _validate(d, source: str) -> dict:
+def _validate(d, source: str, lines: dict | None = None) -> dict:
     if not isinstance(d, dict):
         raise UserError(f"{source}: a template must be a mapping of keys, got {type(d).__name__}")
-    problems = [f"unknown key {k!r} (known: {', '.join(_KEYS)})" for k in d if k not in _KEYS]
+    at = lambda k: f"line {lines[k]}: " if lines and k in lines else ""  # noqa: E731
+    problems = [f"{at(k)}unknown key {k!r} (known: {', '.join(_KEYS)})" for k in d if k not in _KEYS]
     problems += [f"missing key {k!r}" for k in ("name", "user", "assistant") if k not in d]
+    problems += [f"line {line}: {message}" for line, message in (lines or {}).get("__duplicates__", [])]
     for k, v in d.items():
         if k in _KEYS and not isinstance(v, _KEYS[k]):
             kind = "a string or null" if _KEYS[k] is _OPT else f"a {_KEYS[k].__name__}"
-            problems.append(f"{k!r} must be {kind}, got {type(v).__name__}")
+            problems.append(f"{at(k)}{k!r} must be {kind}, got {type(v).__name__}")
     if not problems:
         d = {**_DEFAULTS, **d}
         need = {"user": {"content"}, "assistant": {"content"}, "system": {"content"},
                 "user_with_input": {"content", "input"}}
         for k, fields in need.items():
-            if d[k] is not None and set(_FIELDS.findall(d[k])) != fields:
-                problems.append(f"{k!r} must contain {' and '.join('{' + f + '}' for f in sorted(fields))}"
+            found = set(_FIELDS.findall(d[k] or ""))
+            if d[k] is not None and found - fields:
+                problems.append(f"{at(k)}{k!r} cannot use {{input}} (only 'user_with_input' takes it: the format "
+                                f"for rows with an input)")
+            elif d[k] is not None and found != fields:
+                problems.append(f"{at(k)}{k!r} must contain {' and '.join('{' + f + '}' for f in sorted(fields))}"
                                 " (each once; other placeholders are not supported)")
             elif d[k] is not None and any(len(re.findall(r"\{" + f + r"\}", d[k])) > 1 for f in fields):
-                problems.append(f"{k!r} must contain each placeholder once")
+                problems.append(f"{at(k)}{k!r} must contain each placeholder once")
         if d["default_system"] is not None and d["system"] is None:
-            problems.append("'default_system' needs a 'system' format")
+            problems.append(f"{at('default_system')}'default_system' needs a 'system' format")
         if any(t in str(d[k]) for k in need for t in ("<s>", "</s>")):
             problems.append("templates must not contain <s> or </s> as text (BOS/EOS are added as ids)")
     if problems:
@@ -269,12 +274,8 @@ def load_template(name_or_path: str) -> Template:
         return Template({"name": name_or_path, **BUILTINS[name_or_path]}, f"built-in template {name_or_path!r}")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        try:
-            definition = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UserError(f"template file {name_or_path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"template file {name_or_path}: not valid YAML: {e}") from None
-        return Template(definition, f"template file {name_or_path}")
+        from .recipe import read_yaml_file
+        definition, lines = read_yaml_file(name_or_path, "template")
+        return Template(definition, f"template file {name_or_path}", lines)
     raise UserError(f"unknown template {name_or_path!r}: use a built-in ({', '.join(BUILTINS)}) "
                     "or a template .yaml file")

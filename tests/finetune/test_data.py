@@ -250,6 +250,39 @@ def test_csv_parquet_json_and_folders(tmp_path, tokenizer):
     assert len(build(tmp_path, [str(tmp_path / "u.jsonl")], tokenizer).train) == 1
 
 
+def test_csv_problems_name_the_file_and_line(tmp_path, tokenizer):
+    bom = tmp_path / "bom.csv"  # Excel writes a byte-order mark: the first column is still "instruction"
+    bom.write_bytes("\ufeffinstruction,output\nSay 1.,It was 1.\n\nSay 2.,It was 2.\n".encode())
+    assert len(build(tmp_path, [str(bom)], tokenizer).train) == 2
+    cases = {"fields.csv": (b"instruction,output\na,b\n\nc,d,e\n", r"fields\.csv:4: 3 fields, but the header has 2"),
+             "latin1.csv": (b"instruction,output\na,b\ncaf\xe9,d\n", r"latin1\.csv:3: not UTF-8 text"),
+             "missing.csv": (b"instruction,output\na,b\n\"multi\nline\",\n", r"missing\.csv:3: missing field 'output'")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            build(tmp_path, [str(tmp_path / name)], tokenizer)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "1.csv").write_text("instruction,output\na,b\n")
+    (tmp_path / "dir" / "2.csv").write_text("instruction,input,output\na,,b\n")
+    with pytest.raises(DataError, match=r"2\.csv:1: columns .* differ from .*1\.csv"):
+        build(tmp_path, [str(tmp_path / "dir")], tokenizer)
+
+
+def test_unicode_edge_cases(tmp_path, tokenizer):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows(1)[0]).encode() + b"\n")
+    assert len(build(tmp_path, [str(bom)], tokenizer).train) == 1
+    lone = write_jsonl(tmp_path / "lone.jsonl", ['{"instruction": "x\\ud800y", "output": "z"}'])  # valid JSON
+    with pytest.raises(DataError, match=r"lone\.jsonl:1: field 'instruction' is not valid Unicode"):
+        build(tmp_path, [lone], tokenizer)
+
+
+def test_val_fraction_of_a_single_example_is_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "one.jsonl", rows(1))
+    with pytest.raises(DataError, match="val_fraction needs at least 2 examples"):
+        build(tmp_path, [path], tokenizer, val_fraction=0.1)
+
+
 @pytest.mark.parametrize("lines, message", [
     ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"a\.jsonl:2: missing field 'output'"),
     ([{"instruction": "a", "output": 5}], r"a\.jsonl:1: field 'output' must be a string, got int"),

@@ -142,10 +142,59 @@ def test_validate_and_print_config_commands(tmp_path, files, capsys):
 
 
 def test_dump_round_trips(tmp_path, files):
-    r = load_recipe(_write(tmp_path, GOOD, **files))
+    text = GOOD + "data:\n  validation:\n    - path: {data}\n      columns: {{output: answer}}\n"
+    r = load_recipe(_write(tmp_path, text, **files))
     again = tmp_path / "again.yaml"
     again.write_text(dump_recipe(r))
-    assert load_recipe(str(again)) == load_recipe(str(again)) and load_recipe(str(again)).training == r.training
+    loaded = load_recipe(str(again))
+    assert loaded.source != r.source
+    loaded.source = r.source
+    assert loaded == r and loaded.data.validation[0].columns == {"output": "answer"}
+
+
+def test_hub_ids_validate_and_missing_local_paths_do_not(tmp_path, files):
+    for hub_id in ("tatsu-lab/alpaca", "alpaca"):
+        assert load_recipe(_write(tmp_path, GOOD, **files), [f"datasets[0].path={hub_id}"]).datasets[0].path == hub_id
+    for local in ("./x", "x.jsonl", "a/b/c", "~/surely-not-here.jsonl"):
+        with pytest.raises(RecipeError, match=r"command line: datasets\[0\]\.path: file not found"):
+            load_recipe(_write(tmp_path, GOOD, **files), [f"datasets[0].path={local}"])
+
+
+def test_list_items_and_new_sections_can_be_overridden(tmp_path, files):
+    r = load_recipe(_write(tmp_path, GOOD, **files), ["datasets[0].weight=2", "eval.max_batches=3"])
+    assert r.datasets[0].weight == 2.0 and r.eval.max_batches == 3
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, GOOD, **files), ["datasets[1].weight=2", "trainig.lr=1"])
+    assert "datasets has 1 items" in str(e.value) and "command line: trainig: unknown key" in str(e.value)
+
+
+def test_no_follow_on_errors_and_values_checked_before_training(tmp_path, files):
+    path = _write(tmp_path, GOOD, **files)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["tokenizer.path=nope.model", "model.config.dim=100", "training.epochs=.inf",
+                           f"output_dir={files['data']}", "datasets[0].columns={instrucion: q, output: 5}"])
+    msg = str(e.value)
+    assert "6 problems" in msg and "file not found: 'nope.model'" in msg, msg
+    assert "a preset model needs tokenizer.path" not in msg
+    assert "model.config: invalid model config" in msg and "expected a finite number, got inf" in msg
+    assert "output_dir must be a folder" in msg and "columns.instrucion: not a field of the 'alpaca' format" in msg
+    assert "columns.output: expected a column name, got int 5" in msg
+
+
+def test_unreadable_recipe_and_template_files(tmp_path, files, capsys):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"model:\n  preset: caf\xe9\n")
+    assert main(["validate", "--recipe", str(latin1)]) == 2
+    assert "latin1.yaml:2: not UTF-8 text" in capsys.readouterr().err
+    assert main(["validate", "--recipe", str(tmp_path)]) == 2
+    assert "is a folder, not a recipe file" in capsys.readouterr().err
+    template = tmp_path / "t.yaml"
+    template.write_text('name: t\nuser: "{content} {input}"\nassistant: "{content}"\nname: again\n')
+    with pytest.raises(RecipeError, match=r"template file .*t\.yaml: invalid template:\n  line 4: name: duplicate"):
+        load_recipe(_write(tmp_path, GOOD, **files), [f"template={template}"])
+    template.write_text('name: t\nuser: "{content} {input}"\nassistant: "{content}"\n')
+    with pytest.raises(RecipeError, match=r"line 2: 'user' cannot use \{input\} \(only 'user_with_input'"):
+        load_recipe(_write(tmp_path, GOOD, **files), [f"template={template}"])
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))),
