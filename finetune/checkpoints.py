@@ -8,6 +8,7 @@ Only folders named step-N are complete; `.tmp-*` leftovers of an interrupted sav
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -15,7 +16,15 @@ import shutil
 
 import torch
 
+from .errors import UserError
+
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (the disk is full, say); the previous ones are intact."""
+
+    exit_code = 1
 
 
 def checkpoint_dirs(root: str) -> list[str]:
@@ -41,12 +50,22 @@ def save_checkpoint(root: str, step: int, write, state: dict, keep_last: int, *,
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    write(tmp)
-    barrier()
+    try:
+        write(tmp)
+        barrier()
+        if is_main:
+            torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+            _fsync_tree(tmp)  # the data is on disk before the folder is marked complete and renamed
+            _write_json(os.path.join(tmp, "trainer_state.json"), state)  # written last: marks the folder complete
+            _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # disk full, quota, ... (torch reports a short write as RuntimeError)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} ({type(e).__name__}: "
+                                   f"{str(e)[:200]}); disk full? The last complete checkpoint is "
+                                   f"{last or 'none'}") from None
     if is_main:
-        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-        _write_json(os.path.join(tmp, "trainer_state.json"), state)  # written last: marks the folder complete
-        _fsync_dir(tmp)
         if os.path.exists(final):  # a checkpoint of the same step from an interrupted earlier attempt
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -93,9 +112,33 @@ def write_json_atomic(path: str, obj) -> None:
 
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+
+
+def json_safe(obj):
+    """`obj` with non-finite floats (a skipped step's NaN loss) as null: strict JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under `path`, and make them readable like any file the user creates (safetensors
+    writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, names in os.walk(path):
+        for name in names:
+            file = os.path.join(folder, name)
+            os.chmod(file, 0o666 & ~umask)
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
@@ -113,6 +156,7 @@ def publish_final(tmp: str, final: str, tokenizer_file: str, template) -> None:
     shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
     with open(os.path.join(tmp, "template.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(template.definition, f, sort_keys=False)
+    _fsync_tree(tmp)
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.rename(tmp, final)

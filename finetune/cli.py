@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # noqa: BLE001 - a few known failure kinds get a message instead of a traceback
         from .train import TrainingStopped
         if isinstance(e, TrainingStopped):

@@ -34,8 +34,12 @@ def memory_plan(recipe: Recipe, config, nproc: int, nodes: int = 1) -> dict:
     d, t = recipe.distributed, recipe.training
     gpus = nproc * nodes
     stage = d.zero_stage if d.backend == "deepspeed" else 0
-    if t.method == "lora":  # frozen 16-bit base; adapter states are negligible next to it
-        weights, grads, optim = 2 * total / (gpus if stage == 3 else 1), 0.0, 0.0
+    if t.method == "lora":  # the frozen base in its dtype; adapter states are negligible next to it
+        base = 4 * total if t.precision == "fp32" else 2 * total
+        if t.quantize == "4bit":  # NF4 linear layers (~0.56 bytes with the block scales); embeddings and head 16-bit
+            outer = 2 * config.vocab_size * config.dim
+            base = 0.5625 * (total - outer) + 2 * outer
+        weights, grads, optim = base / (gpus if stage == 3 else 1), 0.0, 0.0
         cpu = 0.0
     elif stage == 3:
         largest_layer = 4 * largest  # one gathered module at a time (DeepSpeed: 4 bytes per parameter)

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from .checkpoints import json_safe
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -44,7 +46,7 @@ class RunLog:
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.write(json.dumps(json_safe({"step": step, **values})) + "\n")
         self.metrics.flush()
         if self.writer:
             for key, value in values.items():
@@ -62,7 +64,7 @@ class RunLog:
         line = (f"step {step:>{width}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s | ETA {format_duration(eta)}")
         if self.tty:
-            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+            print("\r" + line + "\033[K", end="\n" if step == self.total else "", file=sys.stderr, flush=True)
         elif step % self.every == 0 or step == self.total:
             print(line, file=sys.stderr, flush=True)
 

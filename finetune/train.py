@@ -19,8 +19,8 @@ from llama_core.model import count_targets
 
 from .build import (add_lora, build_model, load_tokenizer, make_optimizer, pick_device, quantize_base_4bit,
                     resolve_precision, tokenizer_path)
-from .checkpoints import (latest_checkpoint, load_trainer_state, publish_final, restore_rng, save_checkpoint,
-                          write_json_atomic)
+from .checkpoints import (checkpoint_dirs, latest_checkpoint, load_trainer_state, publish_final, restore_rng,
+                          save_checkpoint, write_json_atomic)
 from .data import build_datasets, collate
 from .engine import LocalEngine
 from .errors import UserError
@@ -34,6 +34,14 @@ class TrainingStopped(Exception):
     """Training cannot go on (a non-finite loss, say); the message says why. Exit code 1, no traceback."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: exit code 128 + the signal's number (130, 143), as a shell reports it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__()
+        self.exit_code = 128 + int(signum)
 
 
 @dataclass
@@ -75,8 +83,7 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
 
     ckpt_root = os.path.join(out, "checkpoints")
     resume_from = latest_checkpoint(ckpt_root) if recipe.checkpoint.resume == "auto" else None
-    if resume_from is None and os.path.isdir(ckpt_root) and os.listdir(ckpt_root) and \
-            recipe.checkpoint.resume == "never":
+    if recipe.checkpoint.resume == "never" and checkpoint_dirs(ckpt_root):
         raise UserError(f"checkpoint.resume: never, but {ckpt_root} holds checkpoints of an earlier run; "
                         f"choose a new output_dir or delete them")
 
@@ -87,8 +94,19 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
     if resume_from:
         saved = load_trainer_state(resume_from)
         _check_resumable(recipe, saved.get("recipe", {}), resume_from)
-        engine.load(resume_from)
         state = State(**saved["state"])
+        if state.step > plan.total_steps:
+            raise UserError(f"training.max_steps: {resume_from} is at step {state.step}, past this recipe's "
+                            f"{plan.total_steps} steps; use a new output_dir to train a shorter run")
+        try:
+            engine.load(resume_from)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged file: say which, and what to do
+            previous = checkpoint_dirs(ckpt_root)[:-1]
+            fallback = f"delete it to resume from {previous[-1]}" if previous else "delete it to start over"
+            raise UserError(f"{resume_from} cannot be read ({type(e).__name__}: {str(e)[:200]}); {fallback}") \
+                from None
         restore_rng(resume_from)
         if engine.is_main:
             _truncate_metrics(os.path.join(out, "metrics.jsonl"), state.step)
@@ -102,6 +120,17 @@ def train(recipe: Recipe, *, engine_factory=None) -> dict:
                 f"{plan.rows_per_step} rows x {recipe.data.max_seq_len} tokens at most")
     if resume_from:
         log.message(f"resuming from {resume_from} (step {state.step} of {plan.total_steps})")
+    if plan.warmup_steps >= plan.total_steps:
+        log.message(f"note: warmup ({plan.warmup_steps} steps) is not shorter than the run ({plan.total_steps} "
+                    f"steps): the learning rate never reaches training.lr")
+    summary_file = os.path.join(out, "summary.json")
+    if resume_from and state.step == plan.total_steps and os.path.isfile(summary_file) and \
+            os.path.isdir(os.path.join(out, "final")):
+        log.message(f"{out} holds a finished run of {plan.total_steps} steps: nothing to do (use a new output_dir "
+                    f"to train again)")
+        log.close()
+        with open(summary_file, encoding="utf-8") as f:
+            return json.load(f)
 
     stop = _StopRequest()
     with stop:
@@ -164,15 +193,23 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
             window_start, window_tokens = time.time(), 0
         log.show(step, train_loss, lr, tokens_per_s)
 
+        # Every rank must take the same branch below (the save has barriers): a signal may reach them at
+        # different moments, so they agree on it (one tiny all-reduce; a no-op on one device).
+        stopping = engine.all_reduce_sum(torch.tensor([float(stop.requested)])).item() > 0
+        paused = False
         if ev.every_steps and step % ev.every_steps == 0 and step < plan.total_steps:
             _evaluate(recipe, engine, data, tokenizer, template, step, log)
             engine.module.train()
+            paused = True
         every = recipe.checkpoint.every_steps
-        if (every and step % every == 0 and step < plan.total_steps) or stop.requested:
+        if (every and step % every == 0 and step < plan.total_steps) or stopping:
             path = _save(recipe, engine, state, ckpt_root)
-            if stop.requested:
+            paused = True
+            if stopping:
                 log.message(f"interrupted: saved {path}; run the same command again to resume")
-                raise KeyboardInterrupt
+                raise TrainingInterrupted(stop.signal)
+        if paused:  # tokens/s counts training time only
+            window_start, window_tokens = time.time(), 0
 
 
 def _finish(recipe, engine, data, tokenizer, template, plan, state, log) -> dict:
@@ -242,8 +279,9 @@ class SingleDeviceRun(LocalEngine):
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if recipe.training.method == "lora":
-            if recipe.model.preset is not None and not os.path.isdir(os.path.join(recipe.output_dir, "base")):
-                _save_base_weights(self.core, os.path.join(recipe.output_dir, "base"), tokenizer_file)
+            base = os.path.join(recipe.output_dir, "base")
+            if recipe.model.preset is not None and not os.path.isfile(os.path.join(base, "config.json")):
+                _save_base_weights(self.core, base, tokenizer_file)
             # adapter_config.json + adapter_model.safetensors (the embeddings are never adapted)
             self.module.save_pretrained(tmp, save_embedding_layers=False)
             os.makedirs(tmp, exist_ok=True)
@@ -258,8 +296,12 @@ def _save_base_weights(core, path: str, tokenizer_file: str) -> None:
 
     base_state = {n: p for n, p in core.state_dict().items() if "lora_" not in n}
     base_state = {n.replace(".base_layer.", "."): p for n, p in base_state.items()}
-    save_hf(base_state, core.config, path)
-    shutil.copyfile(tokenizer_file, os.path.join(path, "tokenizer.model"))
+    tmp = path + ".tmp"  # renamed into place when complete: an interrupted write leaves no half model
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(base_state, core.config, tmp)
+    shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
 
 
 def _base_path(recipe: Recipe) -> str:
@@ -282,12 +324,19 @@ def _start_output(recipe: Recipe, out: str) -> None:
 
 
 # What must not change between a run and its resumption (the schedule, the step count and evaluation may).
+# The optimizer's hyperparameters other than lr are restored with its state, so they may not change either.
 _SAME_ON_RESUME = ("model", "tokenizer", "datasets", "template", "data", "lora", "training.method",
-                   "training.micro_batch_size", "training.gradient_accumulation_steps", "training.seed")
+                   "training.micro_batch_size", "training.gradient_accumulation_steps", "training.seed",
+                   "training.weight_decay", "training.betas", "training.eps")
+_FREE_ON_RESUME = ("data.cache_dir", "data.num_proc")  # where and how fast the data is prepared, not what it is
 
 
 def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
-    current = recipe_to_dict(recipe)
+    current, saved = recipe_to_dict(recipe), json.loads(json.dumps(saved))
+    for key in _FREE_ON_RESUME:
+        section, _, field = key.partition(".")
+        for d in (current, saved):
+            (d.get(section) or {}).pop(field, None)
     changed = []
     for key in _SAME_ON_RESUME:
         section, _, field = key.partition(".")
@@ -319,8 +368,14 @@ def _truncate_metrics(path: str, step: int) -> None:
     """Drop what the interrupted run logged after its last checkpoint: the resumed run logs those steps again."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # blank, or torn by a crash while it was written
+                pass
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -407,11 +462,14 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signal = signal.SIGINT
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            print("\nstopped at once: no checkpoint written for this step (the last one on disk is intact)",
+                  file=sys.stderr, flush=True)
+            raise TrainingInterrupted(signum)
+        self.requested, self.signal = True, signum
         print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
     def __enter__(self):

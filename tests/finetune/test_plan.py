@@ -61,3 +61,13 @@ def test_plan_command(capsys):
     assert "6.74B parameters" in out and "ZeRO stage 3 on 8 GPU(s)" in out and "fits in 80GB (74.5 GiB) per GPU" in out
     assert main(["plan", "--recipe", recipe, "--preset", "llama-7b", "--nproc", "1", "--gpu-mem", "24GB"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_lora_base_weights_follow_precision_and_quantization():
+    config = get_config("llama-7b")
+    lora = ["training.method=lora", "distributed.backend=none"]
+    total = count_parameters(config)[0]
+    assert memory_plan(_recipe(*lora, "training.precision=bf16"), config, 1)["weights"] == 2 * total
+    assert memory_plan(_recipe(*lora, "training.precision=fp32"), config, 1)["weights"] == 4 * total
+    nf4 = memory_plan(_recipe(*lora, "training.quantize=4bit"), config, 1)["weights"]
+    assert 0.55 * total < nf4 < 0.65 * total  # NF4 linear layers, 16-bit embeddings and head

@@ -227,8 +227,11 @@ def test_non_finite_loss(tmp_path, tokenizer, capsys, monkeypatch, policy):
         assert not (tmp_path / "out" / "final").exists()
     else:
         assert code == 0 and "step 2: loss is nan, update skipped" in err
-        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        strict = dict(parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))  # NaN is written as null
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text(), **strict)
         assert summary["skipped_steps"] == 1 and summary["steps"] == 3
+        lines = [json.loads(line, **strict) for line in open(tmp_path / "out" / "metrics.jsonl")]
+        assert [m["train_loss"] is None for m in lines if m.get("train_loss", 0) is None] == [True]
 
 
 def test_mmlu_instruct_recipe_end_to_end(tmp_path, monkeypatch):
@@ -286,3 +289,27 @@ def test_resuming_a_different_run_is_refused(tmp_path, tokenizer, capsys):
     assert "belongs to a run with a different training.method" in err and "Traceback" not in err
     assert main(["--recipe", recipe, "training.max_steps=6"]) == 0  # more steps of the same run: fine
     assert max(_losses(tmp_path / "out")) == 6
+
+
+def test_resume_edge_cases(tmp_path, tokenizer, capsys):
+    recipe = _recipe(tmp_path, tokenizer, checkpoint={"every_steps": 2, "keep_last": 2})
+    out = tmp_path / "out"
+    assert main(["--recipe", recipe]) == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(["--recipe", recipe]) == 0  # finished: nothing is trained, evaluated or logged again
+    assert "holds a finished run of 4 steps: nothing to do" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert main(["--recipe", recipe, "training.max_steps=2"]) == 2
+    assert "is at step 4, past this recipe's 2 steps" in capsys.readouterr().err
+    assert main(["--recipe", recipe, "training.max_steps=6", "training.weight_decay=0"]) == 2
+    assert "different training.weight_decay" in capsys.readouterr().err
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train_lo')  # torn by a crash
+    assert main(["--recipe", recipe, "training.max_steps=6", f"data.cache_dir={tmp_path / 'other-cache'}"]) == 0
+    assert sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    damaged = next(p for p in last.iterdir() if p.suffix == ".safetensors")
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert main(["--recipe", recipe, "training.max_steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{last} cannot be read" in err and "delete it to resume from" in err and "step-00000004" in err
