@@ -6,6 +6,8 @@ fine-tuned model sees the format it learned; `--raw` continues plain text instea
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from collections.abc import Iterator
 
@@ -41,7 +43,8 @@ def _load(args):
 
 
 def _settings(args) -> dict:
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    if (args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or args.top_k < 0
+            or not 0 < args.top_p <= 1):
         raise UserError("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, generator=torch.Generator(_device()).manual_seed(args.seed))
@@ -65,6 +68,10 @@ def messages_of(row: dict, where: str) -> list[dict]:
 
 def prompt_tokens(row: dict, template: Template | None, tokenizer, where: str) -> list[int]:
     """Token ids of one prompt: through the template, or (template None, --raw) BOS + the text."""
+    try:  # JSON's "\ud800" escapes and undecodable command-line bytes are lone surrogates, which no tokenizer takes
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: not valid Unicode text (a lone surrogate or undecodable bytes)") from None
     if template is None:
         if not isinstance(row.get("prompt"), str):
             raise UserError(f"{where}: --raw needs {{\"prompt\": TEXT}} lines")
@@ -78,9 +85,12 @@ def prompt_tokens(row: dict, template: Template | None, tokenizer, where: str) -
 def _read_prompts(path: str) -> list[tuple[dict, str]]:
     rows = []
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
     except OSError as e:
         raise UserError(f"--file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
@@ -114,10 +124,6 @@ class TextStream:
         return new
 
 
-def _finish_reason(prompt: list[int], out: list[int], max_new: int, max_len: int) -> str:
-    return "length" if len(out) >= max_new or len(prompt) + len(out) >= max_len else "eos"
-
-
 def run_generate(args) -> int:
     if (args.prompt is None) == (args.file is None):
         raise UserError("give exactly one of --prompt TEXT and --file prompts.jsonl")
@@ -126,6 +132,8 @@ def run_generate(args) -> int:
     settings = _settings(args)
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise UserError(f"--output {args.output}: its folder does not exist")
     common = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, stop=args.stop or None, tokenizer=tokenizer)
     rows = [({"prompt": args.prompt}, "--prompt")] if args.prompt is not None else _read_prompts(args.file)
     prompts = [prompt_tokens(row, template, tokenizer, where) for row, where in rows]
@@ -137,21 +145,26 @@ def run_generate(args) -> int:
             print(stream.push(step[0]), end="", flush=True)
         print(stream.push([], final=True))
         return 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    # A file is written next to its final name and renamed when complete: an interrupted run leaves no half file.
+    out = open(args.output + ".tmp", "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start:start + args.batch_size]
-            results = generate(model, batch, **settings, **common)
-            for (row, _), prompt, tokens in zip(rows[start:start + args.batch_size], batch, results):
+            batch, reasons = prompts[start:start + args.batch_size], []
+            results = generate(model, batch, **settings, **common, finish_reasons=reasons)
+            for (row, _), tokens, reason in zip(rows[start:start + args.batch_size], results, reasons):
                 text = tokenizer.decode(tokens, continuation=True)
                 record = {**row, "completion": text.strip() if template is not None else text, "tokens": tokens,
-                          "finish_reason": _finish_reason(prompt, tokens, args.max_new_tokens,
-                                                          model.config.max_seq_len)}
+                          "finish_reason": reason}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
+        if out is not sys.stdout:
+            out.close()
+            os.replace(args.output + ".tmp", args.output)
     finally:
         if out is not sys.stdout:
             out.close()
+            if os.path.exists(args.output + ".tmp"):
+                os.remove(args.output + ".tmp")
     if args.output:
         print(f"wrote {len(prompts)} completions to {args.output}", file=sys.stderr)
     return 0
@@ -195,6 +208,11 @@ def chat_turns(lines: Iterator[str], model, tokenizer, template: Template, setti
             continue
         if not text.strip():
             continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            print("(this message is not valid UTF-8 text; skipped)", file=out, flush=True)
+            continue
         ids, kept = _fit(template, tokenizer, messages + [{"role": "user", "content": text}], limit - min(max_new, 64))
         if len(kept) < len(messages) + 1:
             print(f"(context full: dropped the {len(messages) + 1 - len(kept)} oldest messages)", file=out)
@@ -217,6 +235,8 @@ def run_chat(args) -> int:
     if args.system is not None and template.system is None:
         raise UserError(f"template {template.name!r} has no system prompt; drop --system or pick another template")
     settings = _settings(args)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach the loop (which skips the line) as surrogates
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model} (template {template.name}); /reset clears, /exit quits", flush=True)

@@ -445,6 +445,15 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--master-port", type=int)
         p.add_argument("overrides", nargs="*", metavar="key=value")
         args = p.parse_args(argv)
+        problems = [f"{flag} must be >= 1, got {value}" for flag, value in
+                    (("--nproc-per-node", args.nproc_per_node), ("--num-nodes", args.num_nodes))
+                    if value is not None and value < 1]
+        if args.hostfile is not None and not os.path.isfile(args.hostfile):
+            problems.append(f"--hostfile {args.hostfile}: no such file")
+        if (args.num_nodes or 1) > 1 and args.hostfile is None:
+            problems.append("--num-nodes > 1 needs --hostfile (the machines and their slots)")
+        if problems:
+            raise UserError("finetune launch: " + "; ".join(problems))
         recipe = load_recipe(args.recipe, args.overrides)  # fail here, not in N processes
         if recipe.distributed.backend != "deepspeed":
             raise RecipeError(f"{args.recipe}: distributed.backend is {recipe.distributed.backend!r}; launch needs "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,13 +83,45 @@ def attach_adapter(core: Transformer, adapter_dir: str | os.PathLike, config=Non
     wrapper needs transformers' generation API, so the plain PeftModel is used here (same weights, same math)."""
     from peft import PeftModel
 
+    from peft.utils import get_peft_model_state_dict
+
     if config is None:
         config, _ = read_adapter(adapter_dir)
     config.task_type = None
+    stored = _adapter_weight_names(Path(adapter_dir))
     try:
-        return PeftModel.from_pretrained(core, str(adapter_dir), config=config).eval()
+        with warnings.catch_warnings():  # PEFT only warns about missing or unexpected keys: checked below
+            warnings.filterwarnings("ignore", message=".*adapter keys.*")
+            model = PeftModel.from_pretrained(core, str(adapter_dir), config=config).eval()
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise UserError(f"adapter {adapter_dir} does not fit its base model: {e}") from None
+    # The names save_pretrained writes for this model (resized embeddings, which PEFT may add, are not asked for).
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    missing, unexpected = sorted(expected - stored), sorted(n for n in stored - expected if "lora_" in n)
+    if missing or unexpected:
+        shown = [f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} ({len(missing)})"] * bool(
+            missing) + [f"unknown {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''} "
+                        f"({len(unexpected)})"] * bool(unexpected)
+        raise UserError(f"adapter {adapter_dir} does not fit its base model: its weights do not match the layers "
+                        f"its config adapts: {'; '.join(shown)}")
+    return model
+
+
+def _adapter_weight_names(adapter_dir: Path) -> set[str]:
+    """The tensor names in an adapter's weights file (read without loading them)."""
+    from safetensors import safe_open
+
+    file = adapter_dir / "adapter_model.safetensors"
+    legacy = adapter_dir / "adapter_model.bin"
+    try:
+        if file.is_file():
+            with safe_open(str(file), "pt") as f:
+                return set(f.keys())
+        if legacy.is_file():
+            return set(torch.load(legacy, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
+        raise UserError(f"adapter {adapter_dir}: cannot read its weights ({type(e).__name__}: {e})") from None
+    raise UserError(f"adapter {adapter_dir}: no adapter_model.safetensors (the adapter's weights)")
 
 
 def find_template(*dirs) -> Template | None:
@@ -296,22 +329,29 @@ def export(input_dir: str | os.PathLike, output: str | os.PathLike, *, format: s
     """Convert a checkpoint folder (HF, Meta, or a DeepSpeed training checkpoint) to `format`."""
     input_dir = _existing_dir(input_dir, "input")
     dtype = None if dtype in (None, "auto") else dtype
+    # The small files a run keeps next to the weights, read first (the output may replace the input folder) and
+    # written inside the new folder before it is renamed into place.
+    extra: dict[str, bytes | Path] = {}
+    if (input_dir / "template.yaml").is_file():
+        extra["template.yaml"] = (input_dir / "template.yaml").read_bytes()
     try:
         if (input_dir / "deepspeed").is_dir():
             sd, cfg, tokenizer = _deepspeed_state(input_dir, config)
-            extra = {"tokenizer.model": tokenizer} if tokenizer else {}
+            if tokenizer:
+                extra["tokenizer.model"] = tokenizer
+        else:
+            cfg, tokenizer = load_config(input_dir), input_dir / "tokenizer.model"
+        if format == "hf" and tokenizer and Path(tokenizer).is_file():
+            tokenizer_cfg = tokenizer_config(find_template(input_dir), cfg.max_seq_len)
+            extra["tokenizer_config.json"] = (json.dumps(tokenizer_cfg, indent=2, ensure_ascii=False) + "\n").encode()
+        if (input_dir / "deepspeed").is_dir():
             if format == "hf":
                 return save_hf(sd, cfg, output, dtype=dtype, max_shard_size=max_shard_size, extra_files=extra)
             return save_meta(sd, cfg, output, num_shards=shards, dtype=dtype, extra_files=extra)
-        out = convert(input_dir, output, to=format, num_shards=shards, dtype=dtype, max_shard_size=max_shard_size)
+        return convert(input_dir, output, to=format, num_shards=shards, dtype=dtype, max_shard_size=max_shard_size,
+                       extra_files=extra)
     except (CheckpointError, ValueError) as e:
         raise UserError(str(e)) from None
-    if (input_dir / "template.yaml").is_file():  # small files a run keeps next to the weights
-        (out / "template.yaml").write_bytes((input_dir / "template.yaml").read_bytes())
-    if format == "hf" and (out / "tokenizer.model").is_file():
-        cfg = tokenizer_config(find_template(input_dir), load_config(out).max_seq_len)
-        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    return out
 
 
 # --- command line -------------------------------------------------------------------------------------------------

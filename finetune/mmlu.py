@@ -68,7 +68,7 @@ def read_csv(path: Path) -> list[Question]:
     """One MMLU CSV file: no header; columns question, A, B, C, D, answer."""
     out = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is skipped
             reader = csv.reader(f)
             for row in reader:
                 if not row:
@@ -224,14 +224,22 @@ def evaluate_mmlu(model, tokenizer, data, *, shots: int = 5, batch_size: int = 8
     returns. Writes the report as JSON to `output` (atomically) and prints a table through `log` (None: silent)."""
     if shots < 0 or batch_size < 1:
         raise ValueError(f"shots must be >= 0 and batch_size >= 1, got {shots} and {batch_size}")
+    if output and os.path.isdir(output):  # found now, not after the whole evaluation
+        raise UserError(f"--output {output}: is a folder; give a file name such as {output}/mmlu.json")
     data = load_mmlu(data, subjects, need_dev=shots > 0) if not isinstance(data, dict) else data
+    if not any(split["test"] for split in data.values()):
+        raise UserError(f"MMLU data: no test questions found in {len(data)} subject(s)")
+    if shots and (few := sorted(f"{name} ({len(split['dev'])})" for name, split in data.items()
+                                if split["test"] and len(split["dev"]) < shots)):
+        print(f"warning: fewer than {shots} dev examples, so fewer shots, for: {', '.join(few)} (counted as "
+              f"'shortened' in the report)", file=sys.stderr)
     limit = max_seq_len or model.config.max_seq_len
     scorer = AnswerScorer(tokenizer)
     items = []  # (subject, answer index, ids, shortened, truncated)
     for subject, split in data.items():
         for q in split["test"]:
             ids, k, cut = encode_question(tokenizer, scorer, subject, split["dev"], q, shots, limit)
-            items.append((subject, LETTERS.index(q.answer), ids, k < min(shots, len(split["dev"])), cut))
+            items.append((subject, LETTERS.index(q.answer), ids, k < shots, cut))
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -251,9 +259,13 @@ def evaluate_mmlu(model, tokenizer, data, *, shots: int = 5, batch_size: int = 8
         log(format_report(report))
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(output + ".tmp", output)
+        try:
+            with open(output + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+            os.replace(output + ".tmp", output)
+        finally:
+            if os.path.exists(output + ".tmp"):
+                os.remove(output + ".tmp")
     return report
 
 
@@ -294,6 +306,7 @@ def format_report(r: dict) -> str:
     lines.append(f"{'average (questions)':<{width}} {r['questions']:>6} {r['average']:>9.1%}")
     lines.append(f"{'average (subjects)':<{width}} {len(r['subjects']):>6} {r['macro_average']:>9.1%}")
     if r["shortened"] or r["truncated"]:
-        lines.append(f"{r['shortened']} prompt(s) had shots dropped to fit {r['max_seq_len']} tokens"
+        lines.append(f"{r['shortened']} prompt(s) had fewer than {r['shots']} shots (too few dev examples, or "
+                     f"dropped to fit {r['max_seq_len']} tokens)"
                      + (f"; {r['truncated']} were cut even with 0 shots" if r["truncated"] else ""))
     return "\n".join(lines)

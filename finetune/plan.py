@@ -14,6 +14,7 @@ import torch
 from llama_core.checkpoint import parse_size
 from llama_core.model import Transformer
 
+from .errors import UserError
 from .recipe import Recipe, load_recipe
 
 GiB = 1024 ** 3
@@ -91,10 +92,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--preset", help="plan with this preset's shape (when the recipe's checkpoint is not here yet)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    if args.nproc < 1 or args.nodes < 1:
+        raise UserError(f"finetune plan: --nproc and --nodes must be >= 1, got {args.nproc} and {args.nodes}")
+    try:
+        budget = parse_size(args.gpu_mem)
+    except ValueError as e:
+        raise UserError(f"finetune plan: --gpu-mem: {e}") from None
     recipe = load_recipe(args.recipe, args.overrides, check_paths=False)
     config = _architecture(recipe, args.preset)
     plan = memory_plan(recipe, config, args.nproc, args.nodes)
-    budget = parse_size(args.gpu_mem)
     rows = [("weights", plan["weights"]), ("gradients", plan["gradients"]), ("optimizer state", plan["optimizer"]),
             ("activations (estimate)", plan["activations"]), ("total per GPU", plan["per_gpu"])]
     print(f"{recipe.source}: {plan['parameters'] / 1e9:.2f}B parameters, {recipe.training.method} fine-tuning, "

@@ -421,8 +421,10 @@ def save_meta(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfi
 
 
 def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: str, num_shards: int = 1,
-            dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB") -> Path:
-    """Rewrite a checkpoint (either layout) as `to` ("hf" or "meta"), copying tokenizer.model along.
+            dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
+            extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+    """Rewrite a checkpoint (either layout) as `to` ("hf" or "meta"), copying tokenizer.model along (and
+    `extra_files`, as in `save_hf`). The output may be the input folder itself: it is replaced when complete.
 
     The tensors are held once in memory (in the stored dtype; memory-mapped where the input allows).
     """
@@ -432,6 +434,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: 
     config = load_config(input_dir)
     sd = dict(iter_checkpoint_tensors(input_dir, config=config))
     extra = {"tokenizer.model": input_dir / "tokenizer.model"} if (input_dir / "tokenizer.model").is_file() else {}
+    extra.update(extra_files or {})
     if to == "hf":
         return save_hf(sd, config, output_dir, dtype=dtype, max_shard_size=max_shard_size, extra_files=extra)
     return save_meta(sd, config, output_dir, num_shards=num_shards, dtype=dtype, extra_files=extra)

@@ -35,7 +35,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
                     stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
-                    tokenizer=None) -> Iterator[list[list[int]]]:
+                    tokenizer=None, finish_reasons: list[str] | None = None) -> Iterator[list[list[int]]]:
     """Yield, at each decoding step, the tokens of each row that became final at that step (often none or one).
 
     The concatenation of a row's yields is what `generate` returns for it. A row ends at `eos_id` (not returned), at
@@ -43,9 +43,13 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     `max_new_tokens`, or when prompt + new tokens reach `model.config.max_seq_len`. With stop strings, tokens are held
     back while the text ends with the start of a stop string or an incomplete UTF-8 character, and a row that stops
     returns the longest run of tokens whose text is a prefix of the text before the stop string: that text exactly,
-    unless the stop string starts inside a token, which is then dropped too.
+    unless the stop string starts inside a token, which is then dropped too. `finish_reasons`, if given, is filled
+    with each row's reason: "eos", "stop" or "length".
     """
     stop = [s for s in (stop or []) if s]
+    reasons = ["length"] * len(prompts)
+    if finish_reasons is not None:
+        finish_reasons[:] = reasons
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated tokens")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -80,12 +84,14 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             if done[i]:
                 continue
             if t == eos_id:
-                done[i] = True
+                done[i], reasons[i] = True, "eos"
             else:
                 new[i].append(t)
             end = len(new[i]) if not stop or done[i] else _stop_check(tokenizer, new[i], stop)
             if end < 0:  # a stop string: keep what precedes it
-                done[i], end = True, -end - 1
+                done[i], end, reasons[i] = True, -end - 1, "stop"
+            if finish_reasons is not None:
+                finish_reasons[i] = reasons[i]
             out[i], released[i] = new[i][released[i]:end], max(released[i], end)
         if step == steps - 1 or all(done):
             # Rows cut short by the length limit release what they held back.
@@ -116,12 +122,12 @@ def _stop_check(tokenizer, tokens: list[int], stop: list[str]) -> int:
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
              stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
-             tokenizer=None) -> list[list[int]]:
+             tokenizer=None, finish_reasons: list[str] | None = None) -> list[list[int]]:
     """The new tokens of each prompt, without eos and stop strings: see `stream_generate`."""
     result: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, eos_id=eos_id, pad_id=pad_id, stop=stop,
-                                generator=generator, tokenizer=tokenizer):
+                                generator=generator, tokenizer=tokenizer, finish_reasons=finish_reasons):
         for row, toks in zip(result, step):
             row.extend(toks)
     return result

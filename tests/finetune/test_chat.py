@@ -139,6 +139,16 @@ def test_cli_errors_exit_2_without_traceback(run, tmp_path, capsys):
     bad2 = tmp_path / "bad2.jsonl"
     bad2.write_text('{"text": "no prompt"}\n')
     cases.append((["generate", "--model", str(run["base"]), "--file", str(bad2)], f"{bad2}:1: a prompt line needs"))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    cases.append((["generate", "--model", str(run["base"]), "--file", str(latin1)], "not UTF-8 text"))
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"prompt": "x\\ud800"}\n')
+    cases.append((["generate", "--model", str(run["base"]), "--file", str(lone)], f"{lone}:1: not valid Unicode"))
+    cases.append((["generate", "--model", str(run["base"]), "--prompt", "x", "--temperature", "nan"], "--temperature"))
+    cases.append((["generate", "--model", str(run["base"]), "--prompt", "x", "--temperature", "inf"], "--temperature"))
+    cases.append((["generate", "--model", str(run["base"]), "--file", str(run["prompts"]), "--output",
+                   str(tmp_path / "no" / "out.jsonl")], "its folder does not exist"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -152,3 +162,19 @@ def test_sampling_is_repeatable_with_a_seed(run, capsys):
         return [json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()]
 
     assert sample("1") == sample("1") != sample("2")
+
+
+def test_stop_strings_and_output_file(run, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(run["adapter"]), "--file", str(run["prompts"]), "--max-new-tokens", "16",
+            "--output", str(out)]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and not (tmp_path / "out.jsonl.tmp").exists()
+    row = next(r for r in records if len(r["completion"]) > 4)  # stop at a piece of its own completion
+    stop = row["completion"][2:4]
+    assert main(argv + ["--stop", stop]) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    hit = again[records.index(row)]
+    assert hit["finish_reason"] == "stop" and stop not in hit["completion"]
+    assert row["completion"].startswith(hit["completion"])

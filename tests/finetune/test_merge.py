@@ -173,6 +173,34 @@ def test_merge_user_errors(run, tmp_path, capsys):
     assert "Hub ids are not downloaded" in capsys.readouterr().err
 
 
+def test_partial_or_damaged_adapters_are_refused(run, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    shutil.copytree(run["adapter"], partial)
+    weights = load_file(partial / "adapter_model.safetensors")  # layer 1's adapter renamed to a layer 7
+    save_file({k.replace("layers.1.", "layers.7."): v for k, v in weights.items()},
+              partial / "adapter_model.safetensors")
+    assert main(["merge", "--adapter", str(partial), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "its weights do not match the layers its config adapts" in err and "missing" in err and "unknown" in err
+    assert not (tmp_path / "o").exists()
+    (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)  # truncated
+    assert main(["merge", "--adapter", str(partial), "--output", str(tmp_path / "o")]) == 2
+    assert "cannot read its weights" in capsys.readouterr().err
+    (partial / "adapter_model.safetensors").unlink()
+    assert main(["generate", "--model", str(partial), "--prompt", "hi"]) == 2
+    assert "no adapter_model.safetensors" in capsys.readouterr().err
+
+
+def test_export_onto_itself_keeps_the_run_files(run, tmp_path):
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(run["adapter"]), "--output", str(merged)]) == 0
+    before = {f: (merged / f).read_bytes() for f in ("template.yaml", "tokenizer_config.json", "tokenizer.model")}
+    assert main(["export", "--input", str(merged), "--output", str(merged), "--format", "hf",
+                 "--dtype", "bfloat16"]) == 0
+    assert {f: (merged / f).read_bytes() for f in before} == before
+    assert load_file(merged / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+
+
 def test_load_for_inference_accepts_adapter_folder(run):
     model, tokenizer, template = merge_module.load_for_inference(run["adapter"])
     with torch.no_grad():

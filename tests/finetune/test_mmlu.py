@@ -203,6 +203,22 @@ def test_scores_and_category_averages_on_known_answers(tokenizer, tmp_path, caps
     assert short["shortened"] > 0 and short["average"] == report["average"]
 
 
+def test_too_few_dev_examples_no_questions_and_a_folder_output(tokenizer, tmp_path, capsys):
+    qs, choice = _questions("astronomy", 2, 2)
+    data = {"astronomy": {"dev": DEV[:2], "test": qs}}
+    report = evaluate_mmlu(_Oracle(tokenizer, choice), tokenizer, data, shots=5, log=None)
+    assert report["shortened"] == 2 and report["subjects"]["astronomy"]["shortened"] == 2
+    assert "fewer than 5 dev examples, so fewer shots, for: astronomy (2)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no test questions found"):
+        evaluate_mmlu(_Oracle(tokenizer, choice), tokenizer, {"astronomy": {"dev": DEV, "test": []}}, log=None)
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before checking --output")
+
+    with pytest.raises(UserError, match="is a folder"):
+        evaluate_mmlu(never, tokenizer, data, output=str(tmp_path), log=None)
+
+
 def _write(root: Path, subject: str, dev: str | None, test: str) -> None:
     (root / "dev").mkdir(parents=True, exist_ok=True)
     (root / "test").mkdir(parents=True, exist_ok=True)

@@ -71,3 +71,17 @@ def test_lora_base_weights_follow_precision_and_quantization():
     assert memory_plan(_recipe(*lora, "training.precision=fp32"), config, 1)["weights"] == 4 * total
     nf4 = memory_plan(_recipe(*lora, "training.quantize=4bit"), config, 1)["weights"]
     assert 0.55 * total < nf4 < 0.65 * total  # NF4 linear layers, 16-bit embeddings and head
+
+
+def test_plan_and_launch_argument_errors(capsys, tmp_path):
+    recipe = os.path.join(ROOT, "recipes", "llama7b_full_zero3.yaml")
+    cases = [(["plan", "--recipe", recipe, "--preset", "llama-7b", "--gpu-mem", "lots"], "--gpu-mem: invalid size"),
+             (["plan", "--recipe", recipe, "--preset", "llama-7b", "--nproc", "0"], "--nproc and --nodes must be >= 1"),
+             (["launch", "--nproc-per-node", "0", "--recipe", recipe], "--nproc-per-node must be >= 1"),
+             (["launch", "--nproc-per-node", "2", "--num-nodes", "2", "--recipe", recipe], "needs --hostfile"),
+             (["launch", "--nproc-per-node", "2", "--hostfile", str(tmp_path / "hosts"), "--recipe", recipe],
+              "hosts: no such file")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
