@@ -360,7 +360,7 @@ def save_consolidated(core: Transformer, out: str, *, is_main: bool, stage3: boo
     import deepspeed
     from safetensors.torch import save_file
 
-    from llama_core.checkpoint import HF_CONFIG, HF_INDEX, HF_SINGLE
+    from llama_core.checkpoint import GENERATION_CONFIG, HF_CONFIG, HF_GENERATION, HF_INDEX, HF_SINGLE
 
     named = [(n.replace(".base_layer.", "."), p) for n, p in core.named_parameters()
              if not (skip_lora and "lora_" in n)]
@@ -396,6 +396,8 @@ def save_consolidated(core: Transformer, out: str, *, is_main: bool, stage3: boo
     dtype = str(named[0][1].dtype).removeprefix("torch.")
     with open(os.path.join(out, HF_CONFIG), "w", encoding="utf-8") as f:
         json.dump(core.config.to_hf(dtype), f, indent=2)
+    with open(os.path.join(out, HF_GENERATION), "w", encoding="utf-8") as f:
+        json.dump(GENERATION_CONFIG, f, indent=2)
     verify_saved(out, core.config)
 
 

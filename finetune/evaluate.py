@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -160,6 +161,9 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, template = load_for_inference(a.model, a.adapter, dtype=a.dtype, device=device)
     max_len = min(a.max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    if a.max_seq_len and a.max_seq_len > max_len:
+        print(f"note: --max-seq-len {a.max_seq_len} is longer than the model's context; using {max_len}",
+              file=sys.stderr)
     if what == "mmlu":
         from .mmlu import evaluate_mmlu
 

@@ -39,8 +39,9 @@ def _existing_dir(path: str | os.PathLike, what: str) -> Path:
     if p.is_dir():
         return p
     if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
-        raise UserError(f"{what} {path}: no such folder. Hugging Face Hub ids are not downloaded by this tool; "
-                        f"download it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
+        raise UserError(f"{what} {path}: no such folder (relative to {os.getcwd()}). If it is a Hugging Face Hub "
+                        f"id: Hub ids are not downloaded by this tool; download it first (huggingface-cli download "
+                        f"{path} --local-dir DIR) and pass DIR")
     raise UserError(f"{what} {path}: {'no such folder' if not p.exists() else 'not a folder'}")
 
 
@@ -335,6 +336,9 @@ def export(input_dir: str | os.PathLike, output: str | os.PathLike, *, format: s
     if (input_dir / "template.yaml").is_file():
         extra["template.yaml"] = (input_dir / "template.yaml").read_bytes()
     try:
+        if (input_dir / "trainer_state.json").is_file() and not (input_dir / "deepspeed").is_dir():
+            raise UserError(f"{input_dir} is a single-device training checkpoint (for resuming); export the run's "
+                            f"final/ folder, or run the recipe again to finish it")
         if (input_dir / "deepspeed").is_dir():
             sd, cfg, tokenizer = _deepspeed_state(input_dir, config)
             if tokenizer:
@@ -391,7 +395,8 @@ def main(command: str, argv: list[str]) -> int:
         return 0
     p = parser("finetune export", "Convert a checkpoint between the Hugging Face and Meta layouts, or consolidate a "
                                   "DeepSpeed training checkpoint (checkpoints/step-N) into either.")
-    p.add_argument("--input", required=True, help="a checkpoint folder (HF, Meta, or checkpoints/step-N)")
+    p.add_argument("--input", required=True, help="a checkpoint folder (HF, Meta, or a DeepSpeed run's "
+                                                  "checkpoints/step-N)")
     p.add_argument("--output", required=True)
     p.add_argument("--format", required=True, choices=["hf", "meta"])
     p.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards (default 1)")

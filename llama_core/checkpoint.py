@@ -24,6 +24,7 @@ from .config import LlamaConfig
 from .model import Transformer
 
 HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+HF_GENERATION, GENERATION_CONFIG = "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2}
 META_PARAMS = "params.json"
 _META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _IGNORED = re.compile(r"(^|\.)(rotary_emb\.(original_)?inv_freq|rope\.freqs)$")  # stale buffers of old saves
@@ -373,8 +374,7 @@ def save_hf(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig,
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         hf = config.to_hf(str(dtype or sd["model.embed_tokens.weight"].dtype).removeprefix("torch."))
         (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-        generation = {"bos_token_id": 1, "eos_token_id": 2}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / HF_GENERATION).write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
         _write_extra(tmp, extra_files)
     return out_dir
 
