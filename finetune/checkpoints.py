@@ -16,6 +16,8 @@ import shutil
 
 import torch
 
+from llama_core.checkpoint import make_durable
+
 from .errors import UserError
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -55,7 +57,7 @@ def save_checkpoint(root: str, step: int, write, state: dict, keep_last: int, *,
         barrier()
         if is_main:
             torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-            _fsync_tree(tmp)  # the data is on disk before the folder is marked complete and renamed
+            make_durable(tmp)  # the data is on disk before the folder is marked complete and renamed
             _write_json(os.path.join(tmp, "trainer_state.json"), state)  # written last: marks the folder complete
             _fsync_dir(tmp)
     except (OSError, RuntimeError) as e:  # disk full, quota, ... (torch reports a short write as RuntimeError)
@@ -128,27 +130,6 @@ def json_safe(obj):
     return obj
 
 
-def _fsync_tree(path: str) -> None:
-    """fsync every file under `path`, and make them readable like any file the user creates (safetensors
-    writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for folder, _, names in os.walk(path):
-        for name in names:
-            file = os.path.join(folder, name)
-            os.chmod(file, 0o666 & ~umask)
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish_final(tmp: str, final: str, tokenizer_file: str, template) -> None:
     """Complete a model folder written to `tmp` (tokenizer, template) and move it to `final`, replacing it."""
     import yaml
@@ -156,7 +137,7 @@ def publish_final(tmp: str, final: str, tokenizer_file: str, template) -> None:
     shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
     with open(os.path.join(tmp, "template.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(template.definition, f, sort_keys=False)
-    _fsync_tree(tmp)
+    make_durable(tmp)
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.rename(tmp, final)

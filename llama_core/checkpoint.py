@@ -106,7 +106,15 @@ def _read_json(file: Path) -> dict:
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """A .pth state dict, memory-mapped; refuses (never executes) pickles that need anything but tensors."""
     try:
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "zipfile" not in str(e).lower():
+                raise
+            try:  # perhaps the legacy (pre-zip) format, which cannot be memory-mapped
+                sd = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - not that either: report the first error
+                raise e from None
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, OSError ...
         if "Weights only load failed" in str(e):
             detail = re.search(r"Unsupported global: [^\n.]*(\.[^\s.]+)*", str(e))
@@ -179,6 +187,8 @@ def _hf_files(path: Path) -> list[tuple[Path, list[str] | None]]:
             raise CheckpointError(f"{index}: no 'weight_map'")
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file:  # a file name in this folder, nothing else
+                raise CheckpointError(f"{index}: weight_map[{name!r}] must be a file name in {path}, got {file!r}")
             by_file.setdefault(file, []).append(name)
         if missing := sorted(f for f in by_file if not (path / f).is_file()):
             raise CheckpointError(f"{index}: shard file(s) listed in the index not found: {', '.join(missing)}")
@@ -321,6 +331,7 @@ def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the checkpoint
     try:
         yield tmp
+        make_durable(tmp)
         if out_dir.exists():
             os.replace(out_dir, old)  # POSIX cannot swap two directories in one step; this is the nearest
             try:
@@ -333,6 +344,24 @@ def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_durable(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder` and the folder, so that a rename after this publishes complete files; and
+    give the files the permissions of any file the user creates (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            file = os.path.join(root, name)
+            os.chmod(file, 0o666 & ~umask)
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_extra(tmp: Path, extra_files: Mapping[str, str | os.PathLike | bytes] | None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -22,7 +23,8 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.hidden_dim is None:
+        if self.hidden_dim is None and all(isinstance(getattr(self, n), int) for n in ("dim", "multiple_of")) \
+                and self.multiple_of > 0 and isinstance(self.ffn_dim_multiplier, (int, float, type(None))):
             # The paper's 2/3 * 4d, then Llama-2's multiplier, then rounded up to `multiple_of`.
             hidden = int(2 * (4 * self.dim) / 3)
             if self.ffn_dim_multiplier is not None:
@@ -30,8 +32,19 @@ class LlamaConfig:
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         problems = []
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "hidden_dim", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if name == "hidden_dim" and value is None:  # not derivable: the fields it comes from are reported
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name, low in (("rope_theta", "gt"), ("norm_eps", "ge"), ("ffn_dim_multiplier", "gt")):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if not number or (value <= 0 if low == "gt" else value < 0):
+                problems.append(f"{name} must be a {'positive' if low == 'gt' else 'non-negative'} number, "
+                                f"got {value!r}")
         if not problems:
             if self.dim % self.n_heads:
                 problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
@@ -51,6 +64,8 @@ class LlamaConfig:
         fields = dataclasses.asdict(self)
         if not {"dim", "multiple_of", "ffn_dim_multiplier"}.isdisjoint(changes) and "hidden_dim" not in changes:
             fields["hidden_dim"] = None
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            fields["n_kv_heads"] = None  # plain multi-head attention stays so
         unknown = sorted(set(changes) - set(fields))
         if unknown:
             raise ValueError(f"unknown model config field(s) {unknown}; valid: {sorted(fields)}")
@@ -98,6 +113,8 @@ class LlamaConfig:
             problems.append("tied input/output embeddings are not supported (LLaMA unties them)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             problems.append("biases are not supported (LLaMA has none)")
+        if hf.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act {hf.get('hidden_act')!r} is not supported (LLaMA's SwiGLU uses silu)")
         if problems:
             raise ValueError("; ".join(problems))
         head_dim = hf.get("head_dim")
@@ -142,6 +159,9 @@ class LlamaConfig:
     def from_meta(cls, params: dict, vocab_size: int | None = None) -> "LlamaConfig":
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                  "norm_eps", "rope_theta", "max_seq_len"}
+        if params.get("use_scaled_rope") or params.get("rope_scaling"):
+            raise ValueError("params.json asks for scaled rotary embeddings (Llama 3.1 use_scaled_rope / "
+                             "rope_scaling), which are not supported")
         kwargs = {k: v for k, v in params.items() if k in known}
         if kwargs.get("vocab_size", -1) <= 0:  # the original releases store -1 and take it from the tokenizer
             if vocab_size is None:

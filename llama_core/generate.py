@@ -74,7 +74,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     positions = (mask[:, :L].cumsum(dim=1) - 1).clamp(min=0)
     cache = model.make_cache(B, L + steps - 1)  # the last token is never fed back
     padded = min(lengths) < L  # without padding no mask is needed: plain causal attention
-    logits = model(tokens, position_ids=positions, attention_mask=mask[:, :L] if padded else None, cache=cache)[:, -1]
+    logits = model(tokens, position_ids=positions, attention_mask=mask[:, :L] if padded else None, cache=cache,
+                   last_only=True)[:, -1]
     new: list[list[int]] = [[] for _ in range(B)]
     released, done = [0] * B, [False] * B
     for step in range(steps):

@@ -152,7 +152,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+                cache: KVCache | None = None, reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or with `labels` the next-token loss.
 
         labels: (B, T) aligned with input_ids (shifted inside, as in transformers); IGNORE_INDEX is not trained.
@@ -162,9 +162,15 @@ class Transformer(nn.Module):
             document: packed rows attend within each document only (block-diagonal causal mask).
         attention_mask: (B, S) 1 for real tokens, 0 for padding, over all S = cached + T key positions.
         cache: a KVCache; its `length` slots are attended to and the new keys/values appended.
+        last_only: logits of the last position only, (B, 1, vocab) (decoding needs no more).
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        if position_ids is not None and position_ids.shape != (B, T):
+            raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != (B, start + T):
+            raise ValueError(f"attention_mask must be (B, cached + T) = {(B, start + T)}, got "
+                             f"{tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
             packed = False
@@ -174,15 +180,15 @@ class Transformer(nn.Module):
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         mask = attention_mask_for(position_ids if packed else None, attention_mask, start, T, input_ids.device)
         for i, layer in enumerate(self.model.layers):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        h = self.model.norm(h)
         if labels is None:
-            return self.lm_head(h)
+            return self.lm_head(self.model.norm(h[:, -1:] if last_only else h))
+        h = self.model.norm(h)
         # Position t predicts token t+1; only rows with a target go through the output projection.
         targets = labels[:, 1:].reshape(-1)
         keep = targets != IGNORE_INDEX

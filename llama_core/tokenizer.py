@@ -67,6 +67,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, continuation: bool = False) -> list[int]:
         """Token ids of `text`; `continuation=True` encodes text that follows other text (no dummy-prefix space)."""
+        if (bos and self.bos_id < 0) or (eos and self.eos_id < 0):
+            raise ValueError(f"{self.path}: this tokenizer has no {'BOS' if bos and self.bos_id < 0 else 'EOS'} piece")
         ids = (self.sp_continuation if continuation else self.sp).encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 

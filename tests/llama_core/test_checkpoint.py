@@ -265,6 +265,28 @@ def test_missing_shard_listed_in_index(tiny_model, tmp_path):
         ck.iter_checkpoint_tensors(tmp_path / "ckpt")
 
 
+def test_index_entries_must_name_files_in_the_folder(tiny_model, tmp_path):
+    model = tiny_model()
+    save_hf(model, model.config, tmp_path / "ckpt", max_shard_size="100KB")
+    index_file = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for bad in ("../elsewhere/model.safetensors", 3):
+        name = next(iter(index["weight_map"]))
+        index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], name: bad}}))
+        with pytest.raises(CheckpointError, match=r"must be a file name in"):
+            load_model(tmp_path / "ckpt")
+
+
+def test_saved_files_are_readable_by_others(tiny_model, tmp_path):
+    model = tiny_model()
+    umask = os.umask(0o022)
+    try:
+        out = save_hf(model, model.config, tmp_path / "ckpt")
+    finally:
+        os.umask(umask)
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir())  # safetensors alone writes 0600
+
+
 class Payload:
     """Unpickling it would run code: it creates the file named by $PAYLOAD_MARKER."""
 

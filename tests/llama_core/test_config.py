@@ -50,6 +50,11 @@ def test_invalid_config_lists_every_problem():
     assert "n_heads (6) must be divisible by n_kv_heads (4)" in str(e.value)
     with pytest.raises(ValueError, match="head dimension .* must be even"):
         LlamaConfig(dim=60, n_heads=4)
+    with pytest.raises(ValueError) as e:  # YAML reads 1e6 (no dot) as a string
+        LlamaConfig(rope_theta="1e6", norm_eps=-1, ffn_dim_multiplier=0, n_layers=True)
+    assert all(s in str(e.value) for s in ("rope_theta must be a positive number, got '1e6'",
+                                           "norm_eps must be a non-negative number", "ffn_dim_multiplier must be",
+                                           "n_layers must be a positive integer, got True"))
 
 
 def test_replace():
@@ -57,6 +62,8 @@ def test_replace():
     assert cfg.replace(n_layers=3).n_layers == 3 and cfg.replace(n_layers=3).hidden_dim == cfg.hidden_dim
     assert cfg.replace(dim=128, n_heads=8).hidden_dim == 352  # re-derived from the new dim
     assert cfg.replace(dim=128, n_heads=8, hidden_dim=200).hidden_dim == 200
+    assert cfg.replace(dim=128, n_heads=8).n_kv_heads == 8  # multi-head attention stays multi-head
+    assert get_config("tiny-gqa").replace(n_layers=3).n_kv_heads == 2
     with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['depth'\]"):
         cfg.replace(depth=3)
 
@@ -107,6 +114,10 @@ def test_unsupported_hf_configs_list_every_problem():
     with pytest.raises(ValueError) as e:
         LlamaConfig.from_hf(hf)
     assert all(s in str(e.value) for s in ("tied input/output embeddings", "biases", "'llama3'"))
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
+        LlamaConfig.from_hf({**get_config("tiny").to_hf(), "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        LlamaConfig.from_meta({**get_config("tiny").to_meta(), "use_scaled_rope": True})
     with pytest.raises(ValueError, match="model_type is 'mistral'.*missing key 'intermediate_size'"):
         LlamaConfig.from_hf({"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
                              "num_attention_heads": 4, "vocab_size": 320})

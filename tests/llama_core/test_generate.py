@@ -22,10 +22,10 @@ class Scripted(torch.nn.Module):
     def make_cache(self, batch_size, max_len):
         return SimpleNamespace(max_len=max_len)
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, last_only=False):
         k = len(self.calls)
         self.calls.append((input_ids, position_ids, attention_mask))
-        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        logits = torch.zeros(input_ids.shape[0], 1 if last_only else input_ids.shape[1], self.vocab_size)
         for i, script in enumerate(self.scripts):
             logits[i, -1, script[k] if k < len(script) else 0] = 1.0
         return logits

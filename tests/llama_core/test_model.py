@@ -26,9 +26,13 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
-def test_parity_with_transformers(tiny_model, hf_twin, preset):
-    model = tiny_model(preset)
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny", {}), ("tiny-gqa", {}),
+    ("tiny", {"rope_theta": 1e6, "norm_eps": 1e-5}),  # Llama-2 style settings: a wrong theta would show here
+    ("tiny", {"dim": 40, "n_heads": 4, "hidden_dim": 77}),  # head_dim 10, odd FFN size
+], ids=["tiny", "tiny-gqa", "theta-1e6", "head-dim-10"])
+def test_parity_with_transformers(tiny_model, hf_twin, preset, overrides):
+    model = tiny_model(preset, **overrides)
     twin = hf_twin(model)
     assert twin.config._attn_implementation == "sdpa"
     ids, labels = batch()
@@ -127,6 +131,24 @@ def test_activation_checkpointing_gives_identical_gradients(tiny_model):
     assert torch.equal(losses[0], losses[1])
     ours, theirs = grads(model), grads(checkpointed)
     assert ours.keys() == theirs.keys() and all(torch.allclose(ours[n], theirs[n], atol=1e-7, rtol=0) for n in ours)
+
+
+def test_cache_under_activation_checkpointing_and_mask_shapes(tiny_model):
+    model = tiny_model("tiny-gqa").train()
+    model.activation_checkpointing = True
+    ids, _ = batch(T=10)
+    with torch.no_grad():
+        full = model(ids)
+    cache = model.make_cache(2, 10)
+    first = model(ids[:, :6], cache=cache)  # gradients on, training mode: the cache must still be filled
+    rest = model(ids[:, 6:], cache=cache)
+    assert max_diff(torch.cat([first, rest], 1), full) <= TOL
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, cached \+ T\) = \(2, 11\), got \(2, 1\)"):
+        model(ids[:, :1], attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="position_ids must be"):
+        model(ids, position_ids=torch.arange(10)[None])
+    with torch.no_grad():
+        assert max_diff(model(ids, last_only=True), model(ids)[:, -1:]) <= TOL
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
