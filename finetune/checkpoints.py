@@ -130,6 +130,14 @@ def json_safe(obj):
     return obj
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish_final(tmp: str, final: str, tokenizer_file: str, template) -> None:
     """Complete a model folder written to `tmp` (tokenizer, template) and move it to `final`, replacing it."""
     import yaml
