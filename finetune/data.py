@@ -2,7 +2,8 @@
 
 `build_datasets` runs, for each dataset of the recipe:
   read        local .jsonl/.json (our reader: errors name the file and line), .csv/.parquet (datasets' loaders), a
-              folder of such files, or a Hugging Face Hub id. Paths are relative to the current directory.
+              folder of such files, or a Hugging Face Hub id (`finetune.sources`). Paths are relative to the current
+              directory.
   select      the split expression (`train[:95%]`; local files have one split, "train"), then `max_samples`
               (a seeded random sample, in file order)
   normalize   `columns` renames fields; every row becomes messages (`alpaca`, `conversations` in ShareGPT or
@@ -26,13 +27,11 @@ that changes it (see `_cache_key`), and is returned memory-mapped from there.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +46,10 @@ from datasets import Dataset, Features, Sequence, Value
 from llama_core.model import IGNORE_INDEX
 
 from .errors import DataError
-from .recipe import DataSection, DatasetSection, looks_like_local_path
+from .recipe import DataSection, DatasetSection
+from .sources import identity, load, source
 from .templates import Template, encode_segments, Segment
 
-DATA_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 KEPT, TRUNCATED, DROPPED, BAD = 0, 1, 2, 3
@@ -117,151 +116,6 @@ class PreparedData:
 
 class _Bad(Exception):
     pass
-
-
-# ----------------------------------------------------------------------------------------------------- reading
-
-def _data_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTS) if path.is_dir() \
-        else [path]
-    kinds = {DATA_EXTS.get(p.suffix.lower()) for p in files}
-    if not files:
-        raise DataError(f"dataset folder {path} has no .jsonl, .json, .csv or .parquet files")
-    if None in kinds:
-        raise DataError(f"dataset file {path}: unsupported type {path.suffix!r} (use {', '.join(DATA_EXTS)})")
-    if len(kinds) > 1:
-        raise DataError(f"dataset folder {path} mixes file types ({', '.join(sorted(kinds))}); use one")
-    return files
-
-
-def _source(spec: DatasetSection, base_dir: str) -> tuple[str, object]:
-    """("local", [files]) or ("hub", id), with the identity that goes into the cache key."""
-    path = Path(base_dir, os.path.expanduser(spec.path))
-    if path.exists():
-        return "local", _data_files(path)
-    if looks_like_local_path(spec.path):
-        raise DataError(f"dataset file not found: {spec.path} (paths are relative to the current directory, "
-                        f"{Path(base_dir).resolve()})")
-    return "hub", spec.path
-
-
-def _identity(kind: str, source) -> object:
-    if kind == "hub":
-        return source
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in source]
-
-
-def _read_json(path: Path) -> tuple[list[str], list[str]]:
-    """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, and their locations ("file:line")."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is skipped
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            items = json.loads(text)
-            if not isinstance(items, list):
-                raise DataError(f"{path}: expected a JSON array of objects or JSON lines, got {type(items).__name__}")
-            return [json.dumps(x) for x in items], [f"{path}, item {i + 1}" for i in range(len(items))]
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # else: JSON lines in a .json file
-                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-    # split on "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold raw
-    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]  # parsed in _process
-    return [line for _, line in lines], [f"{path}:{n}" for n, _ in lines]
-
-
-def _csv_layout(files: list[Path]) -> tuple[list[str], list[str]]:
-    """The header of CSV files (they must agree) and each data row's location "file:line"; a file that is not
-    UTF-8 or a row with the wrong number of fields is an error naming its file and line."""
-    header, where = None, []
-    for f in files:
-        line = 1
-        try:
-            with open(f, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Excel) is skipped
-                reader = csv.reader(fh)
-                columns = next(reader, None)
-                if not columns:
-                    raise DataError(f"{f}:1: a CSV file needs a header line with the column names")
-                if header is None:
-                    header = columns
-                elif columns != header:
-                    raise DataError(f"{f}:1: columns {columns} differ from {files[0]}'s {header}")
-                line = reader.line_num + 1
-                for row in reader:
-                    if row and len(row) != len(header):  # blank lines are skipped
-                        raise DataError(f"{f}:{line}: {len(row)} fields, but the header has {len(header)}")
-                    if row:
-                        where.append(f"{f}:{line}")
-                    line = reader.line_num + 1
-        except UnicodeDecodeError:
-            raw = f.read_bytes()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = raw[:e.start].count(b"\n") + 1
-                raise DataError(f"{f}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            raise DataError(f"{f}: not UTF-8 text") from None
-        except csv.Error as e:
-            raise DataError(f"{f}:{line}: malformed CSV: {e}") from None
-    return header, where
-
-
-def _hub_reachable() -> bool:
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-def _load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
-    """The selected rows of a dataset: its columns (or `_json` for our reader) plus `_where`."""
-    if kind == "hub":
-        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not _hub_reachable():
-            raise DataError(f"dataset {spec.path!r} is not a local file or folder, and the Hugging Face Hub is "
-                            "unreachable (offline?); use a local file, or set HF_HUB_OFFLINE=1 to use a cached copy")
-        try:
-            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, cache_dir=hf_cache)
-        except Exception as e:  # ConnectionError, DatasetNotFoundError, bad split names, ...
-            raise DataError(f"cannot load Hub dataset {spec.path!r} (split {spec.split!r}): {e}") from None
-        return ds.add_column("_where", [f"{spec.path}, row {i + 1}" for i in range(len(ds))])
-    files = source
-    loader = DATA_EXTS[files[0].suffix.lower()]
-    if loader == "json":
-        rows, where = [], []
-        for f in files:
-            r, w = _read_json(f)
-            rows += r
-            where += w
-        ds = Dataset.from_dict({"_json": rows, "_where": where})
-    else:
-        extra, where = {}, []
-        if loader == "csv":  # every cell is text ("007" stays "007"); an empty cell is a missing field
-            header, where = _csv_layout(files)
-            extra = {"features": Features({c: Value("string") for c in header}), "encoding": "utf-8-sig"}
-        else:
-            import pyarrow.parquet as pq
-            for f in files:
-                try:
-                    where += [f"{f}, row {i + 1}" for i in range(pq.read_metadata(f).num_rows)]
-                except Exception as e:
-                    raise DataError(f"{f}: not a readable parquet file: {e}") from None
-        try:
-            ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train",
-                                       cache_dir=hf_cache, **extra)
-        except Exception as e:  # datasets wraps the parser's error: show the cause
-            raise DataError(f"cannot read {spec.path}: {e.__cause__ or e}") from None
-        if len(where) != len(ds):  # the CSV parsers disagree on some odd file: number the rows
-            where = [f"{spec.path}, row {i + 1}" for i in range(len(ds))]
-        ds = ds.add_column("_where", where)
-    try:
-        parts = datasets.ReadInstruction.from_spec(spec.split).to_absolute({"train": len(ds)})
-    except Exception as e:
-        raise DataError(f"dataset {spec.path}: bad split {spec.split!r} (local files have one split, 'train', "
-                        f"sliced like train[:95%]): {e}") from None
-    return ds.select([i for p in parts for i in range(p.from_, p.to)])
 
 
 # ------------------------------------------------------------------------------------------------- normalizing
@@ -467,11 +321,11 @@ def _build(cfg: DataSection, specs, sources, val_sources, template, tokenizer, h
     train_parts, val_parts = [], []  # (tokenized dataset, row indices)
     for i, (spec, src) in enumerate(zip(cfg.validation, val_sources)):
         st = stats.validation.setdefault(_name(spec, stats.validation), DatasetStats())
-        val_parts.append(_tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen,
+        val_parts.append(_tokenize(spec, load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen,
                                    f"{key}v{i}"))
     for i, (spec, src) in enumerate(zip(specs, sources)):
         st = stats.datasets.setdefault(_name(spec, stats.datasets), DatasetStats())
-        tok, kept = _tokenize(spec, _load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}t{i}")
+        tok, kept = _tokenize(spec, load(spec, *src, hf_cache), template, tokenizer, cfg, st, seen, f"{key}t{i}")
         rng = np.random.default_rng([cfg.seed, i])
         if cfg.val_fraction > 0 and len(kept) < 2:
             raise DataError(f"dataset {spec.path}: data.val_fraction needs at least 2 examples to hold some out, "
@@ -515,13 +369,13 @@ def _build(cfg: DataSection, specs, sources, val_sources, template, tokenizer, h
 def _cache_key(cfg: DataSection, specs, sources, val_sources, template, tokenizer) -> str:
     """Everything the result depends on: the data options, each dataset's options and its files' identity (path,
     size, mtime), the template's and the tokenizer's fingerprints, and this pipeline's code."""
-    code = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (__file__, Path(__file__).with_name(
-        "templates.py"))]
+    code = [hashlib.sha256(Path(__file__).with_name(f).read_bytes()).hexdigest()
+            for f in ("data.py", "sources.py", "templates.py")]
     material = {
         "code": code, "template": template.sha256, "tokenizer": tokenizer.sha256,
         "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "num_proc", "validation")},
-        "train": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(specs, sources)],
-        "validation": [{**dataclasses.asdict(s), "source": _identity(*src)} for s, src in zip(cfg.validation,
+        "train": [{**dataclasses.asdict(s), "source": identity(*src)} for s, src in zip(specs, sources)],
+        "validation": [{**dataclasses.asdict(s), "source": identity(*src)} for s, src in zip(cfg.validation,
                                                                                                 val_sources)]}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -568,8 +422,8 @@ def _build_datasets(recipe_data, specs, template, tokenizer, base_dir) -> Prepar
     cfg = recipe_data
     if not specs:
         raise DataError("the recipe lists no datasets")
-    sources = [_source(s, base_dir) for s in specs]
-    val_sources = [_source(s, base_dir) for s in cfg.validation]
+    sources = [source(s, base_dir) for s in specs]
+    val_sources = [source(s, base_dir) for s in cfg.validation]
     root = Path(base_dir, os.path.expanduser(cfg.cache_dir or "~/.cache/llama-finetune/data"))
     key = _cache_key(cfg, specs, sources, val_sources, template, tokenizer)
     hit = (root / key / "meta.json").exists()

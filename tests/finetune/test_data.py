@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from finetune import data as data_module
+from finetune import sources
 from finetune.data import build_datasets, collate, preprocess_report, render_example_for_display, show_examples
 from finetune.errors import DataError
 from finetune.recipe import DataSection, DatasetSection
@@ -329,7 +329,7 @@ def test_missing_files_and_hub_ids(tmp_path, tokenizer, monkeypatch):
         with pytest.raises(DataError, match="dataset file not found: " + missing):
             build(tmp_path, [missing], tokenizer)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data_module, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
     with pytest.raises(DataError, match="'someone/some-data' is not a local file or folder, and the Hugging Face "
                                         "Hub is unreachable"):
         build(tmp_path, ["someone/some-data"], tokenizer)
