@@ -129,10 +129,7 @@ def find_template(*dirs) -> Template | None:
     """The template.yaml of the first folder that has one (a training run writes it next to the weights)."""
     for d in dirs:
         if d is not None and (file := Path(d) / "template.yaml").is_file():
-            try:
-                return Template(yaml.safe_load(file.read_text(encoding="utf-8")), str(file))
-            except yaml.YAMLError as e:
-                raise UserError(f"{file}: not valid YAML: {e}") from None
+            return load_template(str(file))
     return None
 
 

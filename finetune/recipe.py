@@ -180,8 +180,8 @@ def read_yaml_file(path: str, what: str) -> tuple[Any, dict[str, Any]]:
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a {what} file")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")  # decoded whole, so that an error's offset is the file's
     except FileNotFoundError:
         raise UserError(f"{path}: {what} file not found") from None
     except UnicodeDecodeError as e:

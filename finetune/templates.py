@@ -31,7 +31,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .errors import UserError
 
 _FIELDS = re.compile(r"\{(content|input)\}")

@@ -296,12 +296,7 @@ def _save_base_weights(core, path: str, tokenizer_file: str) -> None:
 
     base_state = {n: p for n, p in core.state_dict().items() if "lora_" not in n}
     base_state = {n.replace(".base_layer.", "."): p for n, p in base_state.items()}
-    tmp = path + ".tmp"  # renamed into place when complete: an interrupted write leaves no half model
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(base_state, core.config, tmp)
-    shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.rename(tmp, path)
+    save_hf(base_state, core.config, path, extra_files={"tokenizer.model": tokenizer_file})  # atomic
 
 
 def _base_path(recipe: Recipe) -> str:

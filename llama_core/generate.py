@@ -47,9 +47,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     with each row's reason: "eos", "stop" or "length".
     """
     stop = [s for s in (stop or []) if s]
-    reasons = ["length"] * len(prompts)
-    if finish_reasons is not None:
-        finish_reasons[:] = reasons
+    reasons = finish_reasons if finish_reasons is not None else []
+    reasons[:] = ["length"] * len(prompts)
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated tokens")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -91,8 +90,6 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             end = len(new[i]) if not stop or done[i] else _stop_check(tokenizer, new[i], stop)
             if end < 0:  # a stop string: keep what precedes it
                 done[i], end, reasons[i] = True, -end - 1, "stop"
-            if finish_reasons is not None:
-                finish_reasons[i] = reasons[i]
             out[i], released[i] = new[i][released[i]:end], max(released[i], end)
         if step == steps - 1 or all(done):
             # Rows cut short by the length limit release what they held back.
