@@ -55,10 +55,10 @@ def worker(impl: str, method: str, steps: int, batch: int, seq: int, preset: str
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     x = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     if impl == "ours":  # the finetune command's own step: LocalEngine (summed loss / tokens, memory release)
-        from finetune import engine as engine_module
-        from finetune.build import Precision
-        engine = engine_module.LocalEngine(model, core, optimizer, Precision("fp32", torch.float32, None),
-                                           torch.device("cpu"), grad_clip=None, release_memory=trim)
+        from finetune.engine import LocalEngine
+        from finetune.precision import resolve_precision
+        engine = LocalEngine(model, core, optimizer, resolve_precision("fp32", "cpu"), torch.device("cpu"),
+                             grad_clip=None, release_memory=trim)
         n_targets = count_targets(x).item()
 
         def train_step():

@@ -28,10 +28,10 @@ that changes it (see `_cache_key`), and is returned memory-mapped from there.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,16 +43,27 @@ import torch
 import datasets
 from datasets import Dataset, Features, Sequence, Value
 
+from llama_core.files import AtomicFolder, everything_stale
 from llama_core.model import IGNORE_INDEX
 
 from .errors import DataError
+from .inputs import parse_json
+from .outputs import DEFAULT_CACHE_DIR
 from .recipe import DataSection, DatasetSection
 from .sources import identity, load, source
 from .templates import Template, encode_segments, Segment
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
-KEPT, TRUNCATED, DROPPED, BAD = 0, 1, 2, 3
+
+
+class RowStatus(enum.IntEnum):
+    """What became of a dataset row."""
+    KEPT = 0
+    TRUNCATED = 1  # kept, its prompt cut from the left (data.overlong: truncate_prompt)
+    DROPPED = 2  # too long for max_seq_len
+    BAD = 3  # unreadable or invalid: an error, or skipped (data.on_bad_row)
+
 N_VALIDATION_EXAMPLES = 128
 _TOKENIZED = Features({  # the messages are kept as JSON (for validation_examples), the key is their hash
     "messages": Value("string"), "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
@@ -112,6 +123,22 @@ class PreparedData:
     validation: Dataset | None
     stats: DataStats
     validation_examples: list[dict]  # up to 128 held-out {"messages": [...]}, ending with the reference answer
+    fingerprint: str = ""  # of the tokens and labels themselves: a resumed run checks its data did not change
+
+
+def data_fingerprint(train: Dataset, validation: Dataset | None) -> str:
+    """sha256 of the training and validation rows as the model sees them (ids, labels, positions, in order)."""
+    digest = hashlib.sha256()
+    for ds in (train, validation):
+        if ds is None:
+            digest.update(b"none")
+            continue
+        for name in ("input_ids", "labels", "position_ids"):
+            column = ds.data.column(name).combine_chunks()
+            digest.update(name.encode())
+            digest.update(column.offsets.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            digest.update(column.values.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return digest.hexdigest()
 
 
 class _Bad(Exception):
@@ -193,11 +220,12 @@ def encode_example(messages: list[dict], template: Template, tokenizer, cfg: Dat
             labels += [IGNORE_INDEX] * len(piece)
     if labels.count(IGNORE_INDEX) == len(labels):
         raise ValueError("the example has no trained tokens")
-    status, L = KEPT, cfg.max_seq_len
+    status, L = RowStatus.KEPT, cfg.max_seq_len
     if len(ids) > L:
         if cfg.overlong == "drop" or len(pieces[-1]) > L - 1:  # the final response must fit whole after BOS
-            return ids[:0], labels[:0], DROPPED
-        ids, labels, status = ids[:1] + ids[len(ids) - L + 1:], labels[:1] + labels[len(ids) - L + 1:], TRUNCATED
+            return ids[:0], labels[:0], RowStatus.DROPPED
+        cut = len(ids) - L + 1
+        ids, labels, status = ids[:1] + ids[cut:], labels[:1] + labels[cut:], RowStatus.TRUNCATED
     return ids, labels, status
 
 
@@ -206,13 +234,17 @@ def _process(batch: dict, fmt: str, cols: dict, template: Template, tokenizer, c
     names = [k for k in batch if k != "_where"]
     for i, where in enumerate(batch["_where"]):
         row = {k: batch[k][i] for k in names}
-        ids, labels, messages, error, status = [], [], [], "", BAD
+        ids, labels, messages, error, status = [], [], [], "", RowStatus.BAD
         try:
+            if problem := row.pop("_bad", None):  # found while reading the file (not UTF-8)
+                raise _Bad(problem)
             if "_json" in row:
                 try:
-                    row = json.loads(row["_json"])
+                    row = parse_json(row["_json"])
                 except json.JSONDecodeError as e:
                     raise _Bad(f"malformed JSON line: {e.msg} (column {e.colno})") from None
+                except ValueError as e:  # nested too deeply
+                    raise _Bad(f"malformed JSON line: {e}") from None
                 if not isinstance(row, dict):
                     raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
             messages = normalize(row, fmt, cols)
@@ -224,7 +256,7 @@ def _process(batch: dict, fmt: str, cols: dict, template: Template, tokenizer, c
         out["labels"].append(labels)
         out["_key"].append(hashlib.sha1(text.encode()).hexdigest())
         out["_error"].append(error)
-        out["_status"].append(status)
+        out["_status"].append(int(status))
         out["_trained"].append(len(labels) - labels.count(IGNORE_INDEX))
     return out
 
@@ -248,15 +280,15 @@ def _tokenize(spec: DatasetSection, raw: Dataset, template, tokenizer, cfg: Data
     if big:
         datasets.disable_progress_bars()
     status = np.asarray(tok.with_format("arrow")["_status"])
-    bad = np.flatnonzero(status == BAD)
+    bad = np.flatnonzero(status == RowStatus.BAD)
     if len(bad) and cfg.on_bad_row == "error":
         errors = tok.select(bad[:3])["_error"]
         more = f"\n(and {len(bad) - 3} more bad rows)" if len(bad) > 3 else ""
         raise DataError("\n".join(errors) + more + "\n(data.on_bad_row: skip skips and counts bad rows)")
     stats.bad_rows_skipped = len(bad)
-    stats.overlong_dropped = int((status == DROPPED).sum())
-    stats.overlong_truncated = int((status == TRUNCATED).sum())
-    kept = np.flatnonzero(status <= TRUNCATED)
+    stats.overlong_dropped = int((status == RowStatus.DROPPED).sum())
+    stats.overlong_truncated = int((status == RowStatus.TRUNCATED).sum())
+    kept = np.flatnonzero(np.isin(status, [RowStatus.KEPT, RowStatus.TRUNCATED]))
     if cfg.dedup:
         keys = tok.with_format("arrow")["_key"].to_pylist()
         unique = []
@@ -361,7 +393,7 @@ def _build(cfg: DataSection, specs, sources, val_sources, template, tokenizer, h
         stats.validation_examples = sum(len(idx) for _, idx in val_parts)
         validation, _ = _finish(_rows(val_parts), cfg)
         stats.validation_rows = len(validation)
-    return PreparedData(train, validation, stats, examples)
+    return PreparedData(train, validation, stats, examples, data_fingerprint(train, validation))
 
 
 # ------------------------------------------------------------------------------------------------------ caching
@@ -370,7 +402,7 @@ def _cache_key(cfg: DataSection, specs, sources, val_sources, template, tokenize
     """Everything the result depends on: the data options, each dataset's options and its files' identity (path,
     size, mtime), the template's and the tokenizer's fingerprints, and this pipeline's code."""
     code = [hashlib.sha256(Path(__file__).with_name(f).read_bytes()).hexdigest()
-            for f in ("data.py", "sources.py", "templates.py")]
+            for f in ("data.py", "sources.py", "templates.py", "inputs.py")]
     material = {
         "code": code, "template": template.sha256, "tokenizer": tokenizer.sha256,
         "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "num_proc", "validation")},
@@ -381,17 +413,15 @@ def _cache_key(cfg: DataSection, specs, sources, val_sources, template, tokenize
 
 
 def _save(prepared: PreparedData, entry: Path) -> None:
-    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    prepared.train.save_to_disk(str(tmp / "train"))
-    if prepared.validation is not None:
-        prepared.validation.save_to_disk(str(tmp / "validation"))
-    meta = {"stats": dataclasses.asdict(prepared.stats), "validation_examples": prepared.validation_examples}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.replace(tmp, entry)
-    except OSError:  # another process stored the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Store a prepared dataset under its cache key (an entry of the same key, from another process, is replaced:
+    it holds the same data)."""
+    with AtomicFolder(entry, replaceable=lambda path: True, what="a data cache entry", stale=everything_stale) as tmp:
+        prepared.train.save_to_disk(str(tmp / "train"))
+        if prepared.validation is not None:
+            prepared.validation.save_to_disk(str(tmp / "validation"))
+        meta = {"stats": dataclasses.asdict(prepared.stats), "validation_examples": prepared.validation_examples,
+                "fingerprint": prepared.fingerprint}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def _load_cached(entry: Path) -> PreparedData:
@@ -401,8 +431,9 @@ def _load_cached(entry: Path) -> PreparedData:
                          "validation": {k: DatasetStats(**v) for k, v in s["validation"].items()}})
     stats.cache_hit, stats.cache_path = True, str(entry)
     validation = datasets.load_from_disk(str(entry / "validation")) if (entry / "validation").exists() else None
-    return PreparedData(datasets.load_from_disk(str(entry / "train")), validation, stats,
-                        meta["validation_examples"])
+    train = datasets.load_from_disk(str(entry / "train"))
+    return PreparedData(train, validation, stats, meta["validation_examples"],
+                        meta.get("fingerprint") or data_fingerprint(train, validation))
 
 
 def build_datasets(recipe_data: DataSection, specs: list[DatasetSection], template: Template, tokenizer, *,
@@ -424,7 +455,7 @@ def _build_datasets(recipe_data, specs, template, tokenizer, base_dir) -> Prepar
         raise DataError("the recipe lists no datasets")
     sources = [source(s, base_dir) for s in specs]
     val_sources = [source(s, base_dir) for s in cfg.validation]
-    root = Path(base_dir, os.path.expanduser(cfg.cache_dir or "~/.cache/llama-finetune/data"))
+    root = Path(base_dir, os.path.expanduser(cfg.cache_dir or DEFAULT_CACHE_DIR))
     key = _cache_key(cfg, specs, sources, val_sources, template, tokenizer)
     hit = (root / key / "meta.json").exists()
     if not hit:
@@ -491,13 +522,3 @@ def show_examples(prepared: PreparedData, tokenizer, n: int, *, color: bool = Fa
     rows = [render_example_for_display(prepared.train[i], tokenizer, color=color)
             for i in range(min(n, len(prepared.train)))]
     return "\n\n".join([prepared.stats.describe()] + [f"=== row {i}\n{r}" for i, r in enumerate(rows)])
-
-
-def preprocess_report(recipe, show: int = 2) -> str:
-    """`finetune preprocess`: prepare (or load from the cache) the recipe's data and describe it."""
-    from .build import load_tokenizer
-    from .templates import load_template
-
-    tokenizer = load_tokenizer(recipe)
-    prepared = build_datasets(recipe.data, recipe.datasets, load_template(recipe.template), tokenizer)
-    return show_examples(prepared, tokenizer, show, color=os.isatty(1))

@@ -1,128 +1,123 @@
-"""What the training loop needs from the hardware: forward, backward, optimizer step, state, collectives.
+"""What the training loop needs from the hardware: the `Engine` contract, and `LocalEngine` for one device.
 
-`LocalEngine` trains on one device. `finetune.distributed.DeepSpeedEngine` has the same methods, so the loop in
-`finetune.train` is the same for both.
+`finetune.deepspeed_engine.DeepSpeedEngine` implements the same contract on DeepSpeed ZeRO-2/3, so the loop in
+`finetune.train` is one loop for both; `finetune.evaluate` uses the evaluation half of it (a LocalEngine without an
+optimizer evaluates a model on its own).
 """
 from __future__ import annotations
 
-import ctypes
 import os
-
-try:
-    import resource
-except ImportError:  # not a Unix
-    resource = None
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama_core.files import AtomicFolder, OutputError
 from llama_core.model import Transformer
+from llama_core.weights import save_hf
 
-from .build import Precision, autocast_context
 from .errors import UserError
+from .heap import release_after_blocks, release_free_memory
+from .precision import Precision, autocast_context
+from .run_state import is_model_folder
 
 
-def release_free_memory(keep: int = 256 << 20, near_peak: int = 64 << 20) -> bool:
-    """Return the C heap's free pages to the OS once more than `keep` bytes of resident memory are heap memory
-    that nothing uses, and the process is within `near_peak` bytes of its peak RSS so far (glibc on Linux;
-    elsewhere nothing). Returns whether it trimmed.
+@runtime_checkable
+class Engine(Protocol):
+    """A model being trained: forward/backward/step, its state on disk, the final model, collectives.
 
-    On CPU, tensors of a few MB come from the C heap, and glibc keeps what is freed: torch's 64-byte-aligned
-    allocations rarely fit the exact holes their predecessors leave, so without trimming peak RSS sits ~0.4 GB
-    above the live peak. The CPU engine calls this after each block's forward and backward pass and after each step
-    (recipe: training.release_memory). A trim takes ~30 ms, and trimmed pages fault back in when the heap hands
-    them out again, which is why it trims only a surplus over `keep`, and only close to the peak, where a trim
-    keeps the peak from rising: ~1-2 trims a step on the reference CPU config (bench/RESULTS.md)."""
-    global _outside_heap
-    if _malloc_trim is None:
-        return False
-    resident, in_use = _resident_bytes(), _heap_in_use()
-    if resident is None or in_use is None:  # no way to measure: trim whenever glibc holds enough free memory
-        if _free_heap_bytes is not None and _free_heap_bytes() <= keep:
-            return False
-        _malloc_trim(0)
-        return True
-    # What is resident besides the heap (code, Python's own arenas, mapped files) is the smallest difference seen:
-    # right after a trim, the heap holds (almost) nothing unused.
-    _outside_heap = min(_outside_heap, resident - in_use)
-    if resident - in_use - _outside_heap <= keep:
-        return False
-    if resident + near_peak < _peak_resident():  # a trim here cannot lower the peak, and its pages would come back
-        return False
-    _malloc_trim(0)
-    return True
+    `module` is what trains (the PeftModel for LoRA, else the model), `core` our Transformer inside it.
+    `num_parameters` counts the base model's parameters (not the adapter's)."""
 
+    module: torch.nn.Module
+    core: Transformer
+    device: torch.device
+    precision: Precision
+    rank: int
+    world_size: int
+    is_main: bool
+    num_parameters: int
 
-def _peak_resident() -> int:
-    if resource is None:  # not a Unix
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    def trainable(self) -> dict[str, torch.nn.Parameter]: ...
 
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of a micro-batch (labels included), on the device."""
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    def backward(self, loss: torch.Tensor) -> None: ...
 
+    def set_lr(self, lr: float) -> None: ...
 
-def _glibc():
-    """malloc_trim, and functions giving the heap's free and used bytes (mallinfo2), where the C library has them."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None, None, None
-    try:
-        mallinfo2 = libc.mallinfo2
-        mallinfo2.restype = _MallInfo2
-    except AttributeError:
-        return trim, None, lambda: None
+    def step(self) -> float:
+        """Clip, update, clear the gradients; returns the gradient norm before clipping."""
 
-    def in_use() -> int:
-        info = mallinfo2()
-        return info.uordblks + info.hblkhd  # allocated from the heap, and allocated as their own mappings
+    def skip(self) -> None:
+        """Drop this step's gradients (a non-finite loss with training.nan_policy: skip)."""
 
-    return trim, lambda: mallinfo2().fordblks, in_use
+    def save(self, path: str) -> None:
+        """Write the training state (trained weights, optimizer) into the folder `path` (every rank calls it)."""
+
+    def load(self, path: str) -> None: ...
+
+    def save_final(self, final: str, companions: dict, base_dir: str | None) -> None:
+        """Write the final model to `final` (full: an HF checkpoint; LoRA: a PEFT adapter) with `companions`
+        (model_files.companion_files); a LoRA run on a preset also writes its untrained base to `base_dir`."""
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
 
 
-def _resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, IndexError, ValueError):
+def base_parameter_count(core: torch.nn.Module) -> int:
+    """Parameters of the base model (adapter weights excluded); a ZeRO-3 parameter counts its full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in core.named_parameters()
+               if base_weight_name(n) is not None)
+
+
+def base_weight_name(name: str) -> str | None:
+    """The plain name of a base weight inside PEFT's wrappers (a LoRA layer's base_layer, trainable tokens'
+    token_adapter.base_layer), or None for an adapter's own weight."""
+    if "lora_" in name or "trainable_tokens" in name:
         return None
+    return name.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
 
 
-_malloc_trim, _free_heap_bytes, _heap_in_use = _glibc()
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_outside_heap = float("inf")
+def base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a preset's untrained base inside a PEFT-wrapped core, under their plain names."""
+    return {plain: p for n, p in module.state_dict().items() if (plain := base_weight_name(n)) is not None}
 
 
-def _release_after_block(module, inputs, output) -> None:
-    if not torch.is_grad_enabled():  # evaluation and generation: little is freed, and it runs per token
-        return
-    release_free_memory()
-    if isinstance(output, torch.Tensor) and output.requires_grad:
-        output.register_hook(_release_and_pass)
-
-
-def _release_and_pass(grad: torch.Tensor) -> None:
-    release_free_memory()
+def write_adapter(final: str, save, companions: dict) -> None:
+    """A PEFT adapter folder, written by `save(tmp)` (PeftModel.save_pretrained), with its companion files, put in
+    place atomically (replacing only an earlier model folder)."""
+    try:
+        folder = AtomicFolder(final, replaceable=is_model_folder, what="a model folder")
+    except OutputError as e:
+        raise UserError(str(e)) from None
+    with folder as tmp:
+        save(tmp)
+        for name, source in companions.items():
+            (tmp / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
 
 
 class LocalEngine:
+    """One device (CPU or one GPU). Without an optimizer it only evaluates (`loss_sum`)."""
+
     rank, world_size, is_main = 0, 1, True
 
-    def __init__(self, module: torch.nn.Module, core: Transformer, optimizer: torch.optim.Optimizer,
-                 precision: Precision, device: torch.device, grad_clip: float | None, release_memory: bool = True):
+    def __init__(self, module: torch.nn.Module, core: Transformer, optimizer: torch.optim.Optimizer | None = None,
+                 precision: Precision | None = None, device: torch.device | None = None, *,
+                 grad_clip: float | None = None, release_memory: bool = False, num_parameters: int | None = None):
         self.module, self.core, self.optimizer = module, core, optimizer  # module: the PeftModel or the core
-        self.precision, self.device, self.grad_clip = precision, device, grad_clip
+        self.precision = precision or Precision("fp32", torch.float32, None)
+        self.device = device or next(core.parameters()).device
+        self.grad_clip = grad_clip
+        self.num_parameters = base_parameter_count(core) if num_parameters is None else num_parameters
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
-        self.release_memory = release_memory and device.type == "cpu"
-        if self.release_memory:  # after each block's forward and backward pass, what it freed (release_free_memory)
-            for block in core.model.layers:
-                block.register_forward_hook(_release_after_block)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
+        self.release_memory = release_memory and self.device.type == "cpu"
+        if self.release_memory:  # after each block's forward and backward pass, what it freed
+            release_after_blocks(core.model.layers)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.core.named_parameters() if p.requires_grad}
@@ -130,7 +125,7 @@ class LocalEngine:
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast_context(self.precision, self.device):
-            return self.core(**batch, reduction="sum")
+            return self.core(**batch, reduction="sum")  # the core holds the LoRA layers, if any
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.release_memory:
@@ -142,7 +137,6 @@ class LocalEngine:
             group["lr"] = lr
 
     def step(self) -> float:
-        """Clip, update, clear the gradients; returns the gradient norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -160,7 +154,7 @@ class LocalEngine:
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    # --- checkpoints ---
+    # --- state on disk ---
 
     def save(self, path: str) -> None:
         """Trained weights (the adapter for LoRA) and the optimizer and loss-scaler state."""
@@ -176,8 +170,8 @@ class LocalEngine:
         params = self.trainable()
         if set(tensors) != set(params):
             raise UserError(f"{path}: the checkpoint's trained tensors do not match this run's "
-                             f"(missing {sorted(set(params) - set(tensors))[:5]}, "
-                             f"unexpected {sorted(set(tensors) - set(params))[:5]})")
+                            f"(missing {sorted(set(params) - set(tensors))[:5]}, "
+                            f"unexpected {sorted(set(tensors) - set(params))[:5]})")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])
@@ -185,6 +179,16 @@ class LocalEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+    def save_final(self, final: str, companions: dict, base_dir: str | None) -> None:
+        if self.module is self.core:  # full fine-tuning: a Hugging Face checkpoint
+            save_hf(self.core, self.core.config, final, extra_files=companions)
+            return
+        if base_dir is not None and not os.path.isfile(os.path.join(base_dir, "config.json")):
+            tokenizer = {k: v for k, v in companions.items() if k.startswith("tokenizer")}
+            save_hf(base_state(self.core), self.core.config, base_dir, extra_files=tokenizer)
+        # adapter_config.json + adapter_model.safetensors (the embeddings are never adapted)
+        write_adapter(final, lambda tmp: self.module.save_pretrained(tmp, save_embedding_layers=False), companions)
 
     # --- collectives (trivial on one process) ---
 

@@ -9,20 +9,26 @@ this is the argmax of the next-token logits of the four letter ids. Small tokeni
 the shared pieces are appended to the prompt and the letters scored by their exact log-likelihood (`AnswerScorer`).
 Averages: "average" is over all questions (their weighted_acc, the number papers report), each category also over
 its questions; "macro_average" (the mean of the subject accuracies) is reported alongside.
+To check all this by eye: `format_prompt` shows a prompt exactly as the model reads it (decoded from its ids), and
+`samples=FILE` writes one JSON line per question (`question_record`: the four letters' log-likelihoods, the
+prediction, the shots and prompt tokens used), in the order of the data: subjects sorted, then their test files.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from llama_core.files import OutputError, atomic_write, check_writable_file, json_safe, write_json
+from llama_core.generate import left_pad
+
+from . import hub
+from .errors import UserError, WriteError
 
 LETTERS = "ABCD"
 CATEGORIES = ("STEM", "humanities", "social sciences", "other")
@@ -86,20 +92,11 @@ def read_csv(path: Path) -> list[Question]:
     return out
 
 
-def _hub_reachable(host: str = "huggingface.co") -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
+CSV_DATA = "pass the MMLU CSV folder instead (dev/ and test/ from https://people.eecs.berkeley.edu/~hendrycks/data.tar)"
 
 
 def _load_hub(need_dev: bool) -> dict[str, dict[str, list[Question]]]:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
-    if not offline and not _hub_reachable():
-        raise UserError("--data hub: the Hugging Face Hub is unreachable (offline?). Pass the MMLU CSV folder instead "
-                        "(dev/ and test/ from https://people.eecs.berkeley.edu/~hendrycks/data.tar), or set "
-                        "HF_HUB_OFFLINE=1 to use a cached copy of cais/mmlu")
+    """cais/mmlu from the Hub or the datasets cache (huggingface_hub's settings apply: HF_HUB_OFFLINE, proxies)."""
     import datasets
 
     out: dict[str, dict[str, list[Question]]] = {}
@@ -107,7 +104,8 @@ def _load_hub(need_dev: bool) -> dict[str, dict[str, list[Question]]]:
         try:
             ds = datasets.load_dataset("cais/mmlu", "all", split=split)
         except Exception as e:  # noqa: BLE001 - ConnectionError, missing cache, ...
-            raise UserError(f"--data hub: cannot load cais/mmlu ({split}): {e}") from None
+            problem = hub.dataset_problem("cais/mmlu", e, instead=CSV_DATA)
+            raise UserError(f"--data hub ({split} split): {problem}") from None
         for row in ds:
             q = Question(row["question"], tuple(row["choices"]), LETTERS[row["answer"]])
             out.setdefault(row["subject"], {"dev": [], "test": []})[split].append(q)
@@ -183,12 +181,7 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def last_logits(model, rows: list[list[int]], pad_id: int, n: int = 1) -> torch.Tensor:
     """Logits (B, n, vocab) at the last n positions of each row, rows left-padded into one batch."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = torch.as_tensor(r), 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, mask, positions = left_pad(rows, pad_id)
     head = getattr(model, "lm_head", None)
     # Only the last n positions go through the output layer (a (B, T, vocab) tensor can be gigabytes).
     hook = head.register_forward_pre_hook(lambda m, args: (args[0][:, -n:],) + args[1:]) if head is not None else None
@@ -218,14 +211,40 @@ def _accuracy(correct: int, total: int) -> dict:
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
 
 
+@dataclass(frozen=True)
+class EncodedQuestion:
+    """One test question ready to score: `index` is its position among its subject's test questions (0-based)."""
+    subject: str
+    index: int
+    question: Question
+    ids: list[int]
+    shots: int  # used, after dropping shots to fit
+    truncated: bool
+
+
+def encode_all(tokenizer, scorer: AnswerScorer, data: dict, shots: int, limit: int) -> list[EncodedQuestion]:
+    """Every test question of `data` ({subject: {"dev", "test"}}), subjects sorted, then in their files' order."""
+    return [EncodedQuestion(subject, i, q, *encode_question(tokenizer, scorer, subject, data[subject]["dev"], q,
+                                                            shots, limit))
+            for subject in sorted(data) for i, q in enumerate(data[subject]["test"])]
+
+
 def evaluate_mmlu(model, tokenizer, data, *, shots: int = 5, batch_size: int = 8, output: str | None = None,
-                  max_seq_len: int | None = None, subjects: list[str] | None = None, log=print) -> dict:
+                  max_seq_len: int | None = None, subjects: list[str] | None = None, log=print,
+                  samples: str | None = None, show_prompt: bool = False) -> dict:
     """Accuracy per subject, per category and overall. `data`: an MMLU folder, "hub", or the dict `load_mmlu`
-    returns. Writes the report as JSON to `output` (atomically) and prints a table through `log` (None: silent)."""
+    returns. Writes the report as JSON to `output` (atomically) and prints a table through `log` (None: silent).
+    `samples`: a file to write one JSON line per question to (`question_record`; atomically, after the table).
+    `show_prompt`: show the first question's complete prompt (`format_prompt`) through `log` before scoring."""
     if shots < 0 or batch_size < 1:
         raise ValueError(f"shots must be >= 0 and batch_size >= 1, got {shots} and {batch_size}")
     if output and os.path.isdir(output):  # found now, not after the whole evaluation
         raise UserError(f"--output {output}: is a folder; give a file name such as {output}/mmlu.json")
+    if samples:
+        try:
+            check_writable_file(samples)
+        except OutputError as e:
+            raise UserError(f"MMLU samples file {e}") from None
     data = load_mmlu(data, subjects, need_dev=shots > 0) if not isinstance(data, dict) else data
     if not any(split["test"] for split in data.values()):
         raise UserError(f"MMLU data: no test questions found in {len(data)} subject(s)")
@@ -235,48 +254,102 @@ def evaluate_mmlu(model, tokenizer, data, *, shots: int = 5, batch_size: int = 8
               f"'shortened' in the report)", file=sys.stderr)
     limit = max_seq_len or model.config.max_seq_len
     scorer = AnswerScorer(tokenizer)
-    items = []  # (subject, answer index, ids, shortened, truncated)
-    for subject, split in data.items():
-        for q in split["test"]:
-            ids, k, cut = encode_question(tokenizer, scorer, subject, split["dev"], q, shots, limit)
-            items.append((subject, LETTERS.index(q.answer), ids, k < shots, cut))
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    predictions = [0] * len(items)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][2]))  # similar lengths share a batch
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            logits = last_logits(model, [items[i][2] for i in chunk], tokenizer.pad_id, scorer.positions)
-            for i, p in zip(chunk, scorer.scores(logits).argmax(dim=1).tolist()):
-                predictions[i] = p
-    finally:
-        if was_training:
-            model.train()
-    report = _report(items, predictions, shots, limit, scorer)
+    items = encode_all(tokenizer, scorer, data, shots, limit)
+    if show_prompt and log is not None:
+        log(format_prompt(tokenizer, scorer, items[0], shots))
+    scores = _score(model, items, tokenizer.pad_id, scorer, batch_size)
+    records = [question_record(item, s, p) for item, s, p in zip(items, scores.tolist(), scores.argmax(1).tolist())]
+    report = _report(records, shots, limit, scorer)
     if log is not None:
         log(format_report(report))
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if samples:
         try:
-            with open(output + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
-            os.replace(output + ".tmp", output)
-        finally:
-            if os.path.exists(output + ".tmp"):
-                os.remove(output + ".tmp")
+            write_samples(samples, records)
+        except OSError as e:
+            raise WriteError(f"could not write the MMLU samples file {samples} ({e.strerror or e}); disk full?"
+                             + (" The results are printed above" if log is not None else "")) from None
+    if output:
+        write_json(output, report)
     return report
 
 
-def _report(items, predictions, shots: int, limit: int, scorer: AnswerScorer) -> dict:
+def _score(model, items: list[EncodedQuestion], pad_id: int, scorer: AnswerScorer, batch_size: int) -> torch.Tensor:
+    """(len(items), 4) log-likelihoods of A..D, in the order of `items`."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    scores = torch.zeros(len(items), len(LETTERS))
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))  # similar lengths share a batch
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            logits = last_logits(model, [items[i].ids for i in chunk], pad_id, scorer.positions)
+            scores[chunk] = scorer.scores(logits)
+    finally:
+        if was_training:
+            model.train()
+    return scores
+
+
+def question_record(item: EncodedQuestion, logprobs: list[float], prediction: int) -> dict:
+    """One line of the samples file: the question, the letters' log-likelihoods, and the prompt it was asked in."""
+    q = item.question
+    return {"subject": item.subject, "index": item.index, "question": q.question, "choices": list(q.choices),
+            "logprobs": dict(zip(LETTERS, logprobs)), "prediction": LETTERS[prediction], "answer": q.answer,
+            "correct": LETTERS[prediction] == q.answer, "shots": item.shots, "prompt_tokens": len(item.ids),
+            "truncated": item.truncated}
+
+
+def _sample_line(record: dict) -> str:
+    return json.dumps(json_safe(record), ensure_ascii=False) + "\n"
+
+
+def write_samples(path: str | os.PathLike, records: list[dict]) -> None:
+    """`records` as JSON lines, atomically: the whole file or none (an existing one stays until the rename)."""
+    with atomic_write(path) as f:
+        for record in records:
+            f.write(_sample_line(record))
+
+
+def _visible_text(tokenizer, ids: list[int]) -> str:
+    """`ids` decoded, with the ids `decode` leaves out (BOS, EOS, unknown, control tokens) shown as their pieces."""
+    hidden = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, *tokenizer.special_tokens.values()} - {-1}
+    parts, run, text_before = [], [], False
+    for i in ids + [None]:
+        if i is not None and i not in hidden:
+            run.append(i)
+            continue
+        if run:  # text after text keeps its leading space ("▁world" -> " world")
+            parts.append(tokenizer.decode(run, continuation=text_before))
+            run, text_before = [], True
+        if i is not None:
+            parts.append(tokenizer.id_to_piece(i))
+    return "".join(parts)
+
+
+def format_prompt(tokenizer, scorer: AnswerScorer, item: EncodedQuestion, shots: int) -> str:
+    """The complete prompt of one question, decoded from the ids the model reads, between two marker lines; the
+    last line names the tokens appended after the text (`scorer.suffix`) and those each answer is scored by.
+    `shots`: the number asked for (the question's prompt may have fewer)."""
+    text_ids = item.ids[:len(item.ids) - len(scorer.suffix)]
+    how = f"{item.shots} shot{'s' * (item.shots != 1)}" if item.shots >= shots else \
+        f"{item.shots} of {shots} shots: too few dev examples, or dropped to fit"
+    how += f"; {len(item.ids)} tokens" + ("; cut to fit: BOS, then the end of the question" * item.truncated)
+    appended = (f"then the token(s) {[tokenizer.id_to_piece(i) for i in scorer.suffix]} that all four answers "
+                f"share; " if scorer.suffix else "")
+    return (f"----- MMLU prompt: {item.subject}, test question {item.index} ({how}) -----\n"
+            f"{_visible_text(tokenizer, text_ids)}\n"
+            f"----- end of prompt; {appended}scored next: {scorer.description} -----")
+
+
+def _report(records: list[dict], shots: int, limit: int, scorer: AnswerScorer) -> dict:
     subjects: dict[str, dict] = {}
-    for (subject, answer, _, short, cut), pred in zip(items, predictions):
-        s = subjects.setdefault(subject, {"correct": 0, "total": 0, "shortened": 0, "truncated": 0})
-        s["correct"] += pred == answer
+    for r in records:
+        s = subjects.setdefault(r["subject"], {"correct": 0, "total": 0, "shortened": 0, "truncated": 0})
+        s["correct"] += r["correct"]
         s["total"] += 1
-        s["shortened"] += short
-        s["truncated"] += cut
+        s["shortened"] += r["shots"] < shots
+        s["truncated"] += r["truncated"]
     if unknown := sorted(s for s in subjects if s not in SUBJECT_CATEGORY):
         print(f"warning: MMLU subject(s) not in the standard 57, counted as 'other': {', '.join(unknown)}",
               file=sys.stderr)

@@ -1,4 +1,4 @@
-"""What a run shows and records: a progress line (step, loss, lr, tokens/s, ETA), metrics.jsonl, TensorBoard."""
+"""What a run shows and records: a progress line (step, loss, lr, tokens/s, ETA), metrics.jsonl, the trackers."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,9 @@ import os
 import sys
 import time
 
-from .checkpoints import json_safe
+from llama_core.files import json_safe, open_append
+
+from .trackers import open_trackers
 
 
 def format_duration(seconds: float) -> str:
@@ -20,39 +22,34 @@ def format_duration(seconds: float) -> str:
 
 
 class RunLog:
-    """Metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard; progress to stderr.
+    """Metrics to `metrics.jsonl` (one JSON object per line) and the recipe's trackers (TensorBoard, W&B, MLflow:
+    finetune.trackers); progress to stderr. Only the main rank logs.
 
     On a terminal the progress line redraws in place every step; otherwise one line is printed every
     `every` steps, so logs stay readable.
     """
 
-    def __init__(self, out_dir: str, total_steps: int, *, every: int = 10, tensorboard: bool = True,
-                 progress: bool = True, enabled: bool = True, start_step: int = 0):
+    def __init__(self, out_dir: str, total_steps: int, *, every: int = 10, report_to=("tensorboard",),
+                 config: dict | None = None, progress: bool = True, enabled: bool = True, start_step: int = 0):
         self.enabled, self.total, self.every, self.progress = enabled, total_steps, every, progress
         self.start_time, self.start_step = time.time(), start_step
         self.tty = sys.stderr.isatty()
-        self.writer = None
+        self.trackers = []
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except ImportError:
-                print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        # The trackers first: one that cannot start ends the run before metrics.jsonl is opened.
+        self.trackers = open_trackers(list(report_to), out_dir, os.path.basename(os.path.abspath(out_dir)),
+                                      config or {}, start_step=start_step, warn=self.message)
+        self.metrics = open_append(os.path.join(out_dir, "metrics.jsonl"))  # never through a symbolic link
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return
         self.metrics.write(json.dumps(json_safe({"step": step, **values})) + "\n")
         self.metrics.flush()
-        if self.writer:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_"))
-                                           else key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, values)
 
     def show(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if not (self.enabled and self.progress):
@@ -74,8 +71,9 @@ class RunLog:
                 print("\r\033[K", end="", file=sys.stderr)
             print(text, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        if self.enabled:
+    def close(self, status: str = "finished") -> None:
+        """`status`: finished, failed or interrupted (what the trackers record); closing twice is harmless."""
+        if self.enabled and not self.metrics.closed:
             self.metrics.close()
-            if self.writer:
-                self.writer.close()
+            for tracker in self.trackers:
+                tracker.close(status)

@@ -10,19 +10,25 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, Features, Value
 
-from .errors import DataError
+from . import hub
+from .errors import DataError, UserError
+from .inputs import check_regular_file, decode_text, parse_json
 from .recipe import DatasetSection, looks_like_local_path
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _data_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        try:
+            check_regular_file(str(path), "dataset")  # not a device or a pipe: those never end
+        except UserError as e:
+            raise DataError(str(e)) from None
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTS) if path.is_dir() \
         else [path]
     kinds = {DATA_EXTS.get(p.suffix.lower()) for p in files}
@@ -52,24 +58,37 @@ def identity(kind: str, source) -> object:
     return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in source]
 
 
-def _read_json(path: Path) -> tuple[list[str], list[str]]:
-    """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, and their locations ("file:line")."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is skipped
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+def _read_json(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """Rows of a JSON-lines file (or a .json array of objects) as JSON strings, their locations ("file:line") and
+    what is wrong with each ("" for none): a line that is not UTF-8 is a bad row, which data.on_bad_row may skip."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a leading byte-order mark is skipped
     if path.suffix.lower() == ".json":
         try:
-            items = json.loads(text)
+            items = parse_json(decode_text(data, str(path)))
             if not isinstance(items, list):
                 raise DataError(f"{path}: expected a JSON array of objects or JSON lines, got {type(items).__name__}")
-            return [json.dumps(x) for x in items], [f"{path}, item {i + 1}" for i in range(len(items))]
+            rows = [json.dumps(x) for x in items]
+            return rows, [f"{path}, item {i + 1}" for i in range(len(items))], [""] * len(rows)
+        except UserError as e:  # not UTF-8: the whole document is unreadable
+            raise DataError(str(e)) from None
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # else: JSON lines in a .json file
                 raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        except ValueError as e:  # nested too deeply
+            raise DataError(f"{path}: malformed JSON: {e}") from None
     # split on "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold raw
-    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]  # parsed in _process
-    return [line for _, line in lines], [f"{path}:{n}" for n, _ in lines]
+    rows, where, bad = [], [], []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line, problem = raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+            line, problem = raw.decode("utf-8", "replace"), f"not UTF-8 text ({e.reason} at byte {e.start + 1} of " \
+                                                            f"the line)"
+        if line.strip():  # parsed in finetune.data
+            rows.append("" if problem else line)
+            where.append(f"{path}:{n}")
+            bad.append(problem)
+    return rows, where, bad
 
 
 def _csv_layout(files: list[Path]) -> tuple[list[str], list[str]]:
@@ -108,39 +127,31 @@ def _csv_layout(files: list[Path]) -> tuple[list[str], list[str]]:
     return header, where
 
 
-def _hub_reachable() -> bool:
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
 def load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
     """The selected rows of a dataset: its columns (or `_json` for our reader) plus `_where`."""
-    if kind == "hub":
-        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not _hub_reachable():
-            raise DataError(f"dataset {spec.path!r} is not a local file or folder, and the Hugging Face Hub is "
-                            "unreachable (offline?); use a local file, or set HF_HUB_OFFLINE=1 to use a cached copy")
+    if kind == "hub":  # huggingface_hub's settings apply: HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT, proxies
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, cache_dir=hf_cache)
-        except Exception as e:  # ConnectionError, DatasetNotFoundError, bad split names, ...
-            raise DataError(f"cannot load Hub dataset {spec.path!r} (split {spec.split!r}): {e}") from None
+        except Exception as e:  # noqa: BLE001 - ConnectionError, DatasetNotFoundError, bad split names, ...
+            raise DataError(f"dataset {spec.path} (split {spec.split!r}): "
+                            f"{hub.dataset_problem(spec.path, e, hf_cache)}") from None
         return ds.add_column("_where", [f"{spec.path}, row {i + 1}" for i in range(len(ds))])
     files = source
     loader = DATA_EXTS[files[0].suffix.lower()]
     if loader == "json":
-        rows, where = [], []
+        rows, where, bad = [], [], []
         for f in files:
-            r, w = _read_json(f)
+            r, w, b = _read_json(f)
             rows += r
             where += w
-        ds = Dataset.from_dict({"_json": rows, "_where": where})
+            bad += b
+        ds = Dataset.from_dict({"_json": rows, "_where": where, "_bad": bad})
     else:
         extra, where = {}, []
         if loader == "csv":  # every cell is text ("007" stays "007"); an empty cell is a missing field
             header, where = _csv_layout(files)
+            if not where:  # datasets' own message would be 'Instruction "train" corresponds to no data!'
+                raise DataError(f"dataset {spec.path}: no rows (only the header line {','.join(header)})")
             extra = {"features": Features({c: Value("string") for c in header}), "encoding": "utf-8-sig"}
         else:
             import pyarrow.parquet as pq
@@ -149,6 +160,8 @@ def load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
                     where += [f"{f}, row {i + 1}" for i in range(pq.read_metadata(f).num_rows)]
                 except Exception as e:
                     raise DataError(f"{f}: not a readable parquet file: {e}") from None
+            if not where:
+                raise DataError(f"dataset {spec.path}: no rows")
         try:
             ds = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train",
                                        cache_dir=hf_cache, **extra)
@@ -157,6 +170,8 @@ def load(spec: DatasetSection, kind: str, source, hf_cache: str) -> Dataset:
         if len(where) != len(ds):  # the CSV parsers disagree on some odd file: number the rows
             where = [f"{spec.path}, row {i + 1}" for i in range(len(ds))]
         ds = ds.add_column("_where", where)
+    if len(ds) == 0:  # reported as an empty dataset (a split of nothing is no split error)
+        return ds
     try:
         parts = datasets.ReadInstruction.from_spec(spec.split).to_absolute({"train": len(ds)})
     except Exception as e:

@@ -19,26 +19,34 @@ A template is a small definition (the built-ins below, or a YAML file with the s
                     response: a SentencePiece prompt must not end with a space ("ASSISTANT:" + " Hi").
     separator:      untrained text between an assistant turn and the next user turn
     bos_each_turn:  every user turn after the first starts a new BOS sequence (LLaMA-2 chat: "</s><s>[INST]")
-    eos:            end every assistant response with EOS, trained (false only for few-shot formats like mmlu)
+    eos:            end every assistant response with EOS, trained (false for few-shot formats like mmlu, and where
+                    the turn ends with a control token of its own, as Llama 3's <|eot_id|>)
+    special_tokens: the control tokens written in the template (<|name|>) must be single ids of the tokenizer
+                    (an error otherwise); false: they are ids where the tokenizer has them, else text
 
-Templates never contain <s> or </s> as text: BOS and EOS are token ids (`Segment.bos`, `Segment.eos`).
+Templates never contain <s> or </s> as text: BOS and EOS are token ids (`Segment.bos`, `Segment.eos`). Control
+tokens written as `<|name|>` in a template (Llama 3's <|eot_id|>, ChatML's <|im_end|>) become their single ids where
+the tokenizer has them; the same text inside a message stays text, so a user cannot end a turn by typing it.
+The model's own Jinja chat template (`template: model`) is in `finetune.chat_templates`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .inputs import read_yaml_file
 
 _FIELDS = re.compile(r"\{(content|input)\}")
 _OPT = (str, type(None))
 _KEYS = {"name": str, "description": str, "system": _OPT, "default_system": _OPT, "system_in_first_user": bool,
-         "user": str, "user_with_input": _OPT, "assistant": str, "separator": str, "bos_each_turn": bool, "eos": bool}
+         "user": str, "user_with_input": _OPT, "assistant": str, "separator": str, "bos_each_turn": bool, "eos": bool,
+         "special_tokens": bool}
 _DEFAULTS = {"description": "", "system": None, "default_system": None, "system_in_first_user": False,
-             "user_with_input": None, "separator": "", "bos_each_turn": False, "eos": True}
+             "user_with_input": None, "separator": "", "bos_each_turn": False, "eos": True, "special_tokens": False}
 
 _ALPACA = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request."
 BUILTINS: dict[str, dict] = {
@@ -57,8 +65,16 @@ BUILTINS: dict[str, dict] = {
         description="LLaMA-2 chat: [INST] <<SYS>> ... <</SYS>> ... [/INST] answer </s><s>[INST] ...",
         system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_first_user=True,
         user="[INST] {content} [/INST]", assistant=" {content} ", bos_each_turn=True),
+    "llama3": dict(
+        description="Llama 3 Instruct (Meta's header/eot format); the answer ends with <|eot_id|>, trained; the "
+                    "control tokens are single ids (the tokenizer must have them)",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n{content}<|eot_id|>",
+        eos=False, special_tokens=True),
     "chatml": dict(
-        description="ChatML as plain text (no special im tokens); EOS follows each <|im_end|> of the assistant",
+        description="ChatML; <|im_start|> and <|im_end|> are single ids where the tokenizer has them (else text); "
+                    "EOS follows each <|im_end|> of the assistant",
         system="<|im_start|>system\n{content}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n",
         assistant="<|im_start|>assistant\n{content}<|im_end|>", separator="\n"),
     "plain": dict(
@@ -74,11 +90,14 @@ BUILTINS: dict[str, dict] = {
 @dataclass(frozen=True)
 class Segment:
     """A piece of a rendered conversation. `bos`: a BOS id precedes it (and its text is encoded as the start of a
-    sequence); `eos`: an EOS id follows it, trained iff the segment is."""
+    sequence); `eos`: an EOS id follows it, trained iff the segment is. `data`: the character spans of `text` that
+    hold a message's words: a special token's text there stays text (only the template's own text may put a control
+    token such as <|eot_id|> in the ids)."""
     text: str
     trained: bool
     bos: bool = False
     eos: bool = False
+    data: tuple[tuple[int, int], ...] = field(default=(), compare=False)
 
 
 def format_choices(choices: list[str]) -> str:
@@ -86,8 +105,32 @@ def format_choices(choices: list[str]) -> str:
     return "\n".join(f"{'ABCDEFGH'[i]}. {c}" for i, c in enumerate(choices))
 
 
-def _fill(fmt: str, **values: str) -> str:
-    return _FIELDS.sub(lambda m: values[m[1]], fmt)  # one pass: braces inside the values stay as they are
+Text = tuple[str, tuple[tuple[int, int], ...]]  # text and the spans in it that are a message's words
+
+
+def _data(text: str) -> Text:
+    return text, ((0, len(text)),) if text else ()
+
+
+def _fill(fmt: str, **values: Text) -> Text:
+    """`fmt` with its {fields} replaced (in one pass: braces inside the values stay as they are), and where the
+    values' message words ended up."""
+    parts, spans, pos = [], [], 0
+    for i, part in enumerate(_FIELDS.split(fmt)):
+        text, inner = values[part] if i % 2 else (part, ())
+        spans += [(pos + a, pos + b) for a, b in inner]
+        parts.append(text)
+        pos += len(text)
+    return "".join(parts), tuple(spans)
+
+
+def _join(texts) -> Text:
+    parts, spans, pos = [], [], 0
+    for text, inner in texts:
+        spans += [(pos + a, pos + b) for a, b in inner]
+        parts.append(text)
+        pos += len(text)
+    return "".join(parts), tuple(spans)
 
 
 class Template:
@@ -121,24 +164,24 @@ class Template:
         system, turns = self._split_system(messages)
         out = [Segment("", False, bos=True)]
         if system is not None and not self.system_in_first_user:
-            out.append(Segment(_fill(self.system, content=system), False))
+            out.append(_segment(_fill(self.system, content=_data(system)), False))
         for i, m in enumerate(turns):
             if m["role"] != ("user" if i % 2 == 0 else "assistant"):
                 raise ValueError(f"turn {i + 1} is {m['role']!r}: turns must alternate user, assistant, ...")
             if m["role"] == "user":
-                content = m["content"]
+                content = _data(m["content"])
                 if i == 0 and system is not None and self.system_in_first_user:
-                    content = _fill(self.system, content=system) + content
+                    content = _join([_fill(self.system, content=_data(system)), content])
                 if i > 0:
                     out.append(Segment(self.separator, False))
                     if self.bos_each_turn:
                         out.append(Segment("", False, bos=True))
-                out.append(Segment(self._user_text(content, m.get("input")), False))
+                out.append(_segment(self._user_text(content, m.get("input")), False))
                 if i == len(turns) - 1:  # a prompt: end with the assistant's header
                     out.append(Segment(self.header, False))
             else:
                 out.append(Segment(self.header, False))
-                out.append(Segment(_fill(self.response, content=m["content"]), True, eos=self.eos))
+                out.append(_segment(_fill(self.response, content=_data(m["content"])), True, eos=self.eos))
         return _merge(out)
 
     def _split_system(self, messages: list[dict]) -> tuple[str | None, list[dict]]:
@@ -151,12 +194,30 @@ class Template:
             raise ValueError("a system message may only come first")
         return system, messages
 
-    def _user_text(self, content: str, input: str | None) -> str:
+    def _user_text(self, content: Text, input: str | None) -> Text:
         if not input:
             return _fill(self.user, content=content)
         if self.user_with_input is None:
-            return _fill(self.user, content=content + "\n\n" + input)
-        return _fill(self.user_with_input, content=content, input=input)
+            return _fill(self.user, content=_join([content, ("\n\n", ()), _data(input)]))
+        return _fill(self.user_with_input, content=content, input=_data(input))
+
+    def control_tokens(self) -> list[str]:
+        """The control tokens (`<|name|>`) the template's own text uses, in order of appearance."""
+        found = []
+        for key in ("system", "user", "user_with_input", "assistant", "separator"):
+            for token in _SPECIAL.findall(getattr(self, key) or ""):
+                if token not in found:
+                    found.append(token)
+        return found
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """A template that needs single-id special tokens (`special_tokens: true`, as llama3) refuses a tokenizer
+        that lacks them; others (chatml) write them as text where the tokenizer has no such token."""
+        missing = [t for t in self.control_tokens() if t not in getattr(tokenizer, "special_tokens", {})]
+        if missing and self.definition.get("special_tokens"):
+            raise UserError(f"template {self.name!r} needs the special token(s) {', '.join(missing)}, which the "
+                            f"tokenizer {tokenizer.path} lacks (the model's vocabulary has no such control tokens: "
+                            f"use a template written as text, such as alpaca or chatml)")
 
     def to_jinja(self) -> str:
         """A Hugging Face `chat_template` (for tokenizer_config.json) rendering the same text, with bos_token and
@@ -204,7 +265,8 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     for seg in segments:
         if out and out[-1].trained == seg.trained and not out[-1].eos and not seg.bos:
             prev = out.pop()
-            seg = Segment(prev.text + seg.text, seg.trained, prev.bos, seg.eos)
+            text, data = _join([(prev.text, prev.data), (seg.text, seg.data)])
+            seg = Segment(text, seg.trained, prev.bos, seg.eos, data)
         if seg.text or seg.bos or seg.eos:
             out.append(seg)
     return out
@@ -215,16 +277,58 @@ def segments_text(segments: list[Segment], bos: str = "<s>", eos: str = "</s>") 
     return "".join(bos * s.bos + s.text + eos * s.eos for s in segments)
 
 
+def _segment(text: Text, trained: bool, **flags) -> Segment:
+    return Segment(text[0], trained, data=text[1], **flags)
+
+
 def encode_segments(segments: list[Segment], tokenizer) -> list[list[int]]:
     """Token ids of each segment, its BOS and EOS included. A segment that starts a sequence (after BOS) is
     encoded with SentencePiece's dummy prefix, any other as a continuation, so concatenated ids equal the ids of
-    the whole conversation and a prompt's ids are a prefix of its training example's."""
+    the whole conversation and a prompt's ids are a prefix of its training example's. A special token's text in the
+    template's own text (outside the message words) is its single id, where the tokenizer has that token."""
+    specials = _special_pattern(getattr(tokenizer, "special_tokens", {}))
     out = []
     for seg in segments:
         ids = [tokenizer.bos_id] if seg.bos else []
-        if seg.text:
-            ids += tokenizer.encode(seg.text, continuation=not seg.bos and bool(out))
+        continuation = not seg.bos and bool(out)
+        for piece in _pieces(seg.text, seg.data, specials):
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids += tokenizer.encode(piece, continuation=continuation)
+            continuation = True
         out.append(ids + [tokenizer.eos_id] * seg.eos)
+    return out
+
+
+_SPECIAL = re.compile(r"<\|[^|<>\s]{1,64}\|>")  # how control tokens are written (<|eot_id|>, <|im_start|>)
+
+
+def _special_pattern(special_tokens: dict[str, int]):
+    """(regex matching the tokenizer's special tokens, longest first; their ids), or None without any."""
+    if not special_tokens:
+        return None
+    names = sorted(special_tokens, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))), special_tokens
+
+
+def _pieces(text: str, data: tuple[tuple[int, int], ...], specials) -> list[str | int]:
+    """`text` as runs of text and special-token ids: a special token's text is its id outside the message words
+    (`data`), and stays text inside them."""
+    if specials is None or not text:
+        return [text] if text else []
+    pattern, ids = specials
+    out: list[str | int] = []
+    start = 0
+    for m in pattern.finditer(text):
+        if any(a < m.end() and m.start() < b for a, b in data):  # the message's own words
+            continue
+        if m.start() > start:
+            out.append(text[start:m.start()])
+        out.append(ids[m.group()])
+        start = m.end()
+    if start < len(text):
+        out.append(text[start:])
     return out
 
 
@@ -273,7 +377,6 @@ def load_template(name_or_path: str) -> Template:
         return Template({"name": name_or_path, **BUILTINS[name_or_path]}, f"built-in template {name_or_path!r}")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        from .recipe import read_yaml_file
         definition, lines = read_yaml_file(name_or_path, "template")
         return Template(definition, f"template file {name_or_path}", lines)
     raise UserError(f"unknown template {name_or_path!r}: use a built-in ({', '.join(BUILTINS)}) "

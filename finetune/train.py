@@ -1,33 +1,45 @@
 """The training loop: full fine-tuning or LoRA, one device or DeepSpeed, exact resume.
 
-Read it top to bottom: `train()` prepares the run, `_loop()` does the steps, small helpers below do one thing each.
+Read it top to bottom: `train()` prepares a `Run` (everything a run's steps need, in one typed object), `_loop()`
+does the steps, `_finish()` evaluates and writes the final model; small helpers below do one thing each.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from llama_core.files import OutputError, write_bytes, write_json, write_text
 from llama_core.model import count_targets
+from llama_core.tokenizer import Tokenizer
+from llama_core.weights import CheckpointError
 
-from .build import (add_lora, build_model, load_tokenizer, make_optimizer, pick_device, quantize_base_4bit,
-                    resolve_precision, tokenizer_path)
-from .checkpoints import (checkpoint_dirs, latest_checkpoint, load_trainer_state, publish_final, restore_rng,
-                          save_checkpoint, write_json_atomic)
-from .data import build_datasets, collate
-from .engine import LocalEngine
-from .errors import UserError
+from .build import (load_run_template, load_tokenizer, local_engine, model_config, pick_device, train_token_ids,
+                    untrained_rows_warning)
+from .data import PreparedData, build_datasets, collate
+from .engine import Engine
+from .errors import UserError, WriteError, load_error_text
 from .evaluate import exact_match, validation_loss, write_samples
+from .inputs import parse_json
+from .model_files import companion_files
+from .outputs import RUN_MARKER, check_outputs
+from .plan import check_recipe_memory
+from .precision import resolve_precision, step_shape
 from .progress import RunLog, format_duration
-from .recipe import Recipe, dump_recipe, recipe_to_dict
-from .templates import load_template
+from .recipe import Recipe, dump_recipe, recipe_to_dict, report_to
+from .run_state import (checkpoint_dirs, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint)
+from .schedule import Schedule, learning_rate, make_schedule, micro_batch_indices
+from .templates import Template
 
 
 class TrainingStopped(Exception):
@@ -45,18 +57,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @dataclass
-class Plan:
-    rows: int  # training rows (packed sequences)
-    rows_per_step: int  # micro_batch x accumulation x ranks
-    micro_batch: int
-    accumulation: int
-    seed: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-
-@dataclass
 class State:
     step: int = 0
     tokens: int = 0  # input tokens seen (all ranks)
@@ -65,102 +65,137 @@ class State:
     train_loss: float | None = None
 
 
-def train(recipe: Recipe, *, engine_factory=None) -> dict:
-    """Run a recipe end to end; returns the summary (also written to OUT/summary.json)."""
+@dataclass
+class Run:
+    """Everything the steps of a run need."""
+    recipe: Recipe
+    engine: Engine
+    data: PreparedData
+    tokenizer: Tokenizer
+    template: Template
+    schedule: Schedule
+    state: State
+    log: RunLog
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.recipe.output_dir, "checkpoints")
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a recipe end to end, on one device or under DeepSpeed (distributed.backend); returns the summary (also
+    written to OUT/summary.json)."""
     t = recipe.training
     out = recipe.output_dir
-    engine_factory = engine_factory or _local_engine
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun, accelerate, deepspeed, mpirun ...
+    if world > 1 and recipe.distributed.backend == "none":
+        raise UserError(f"distributed.backend: none, but this process is one of {world} started by a launcher "
+                        f"(WORLD_SIZE={world}): {world} independent copies would train the same model into the same "
+                        f"output_dir. Set distributed.backend: deepspeed (it runs under torchrun too), or start one "
+                        f"process (`finetune launch --nproc-per-node N` starts DeepSpeed's launcher)")
+    check_outputs(recipe)  # in the first second: not after preparing the data and building the model
+    if recipe.distributed.backend == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine, init_distributed
+        init_distributed()
+        make_engine = DeepSpeedEngine
+    else:
+        make_engine = local_engine
     torch.manual_seed(t.seed)
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
-    precision = resolve_precision(t.precision, device)
 
     tokenizer = load_tokenizer(recipe)
-    template = load_template(recipe.template)
+    template = load_run_template(recipe, tokenizer)
+    ckpt_root = os.path.join(out, "checkpoints")
+    resume_from = latest_checkpoint(ckpt_root) if recipe.checkpoint.resume == "auto" else None
+    precision = _precision(recipe, tokenizer, device, resume_from)
+    if warning := check_recipe_memory(recipe, tokenizer, device):  # before the data and the model
+        print(warning, file=sys.stderr)
     with _main_process_first():  # under DeepSpeed, rank 0 tokenizes and caches; the others read the cache
         data = build_datasets(recipe.data, recipe.datasets, template, tokenizer)
     if len(data.train) == 0:
         raise UserError("datasets: no training rows are left after filtering (see the counts above)")
 
-    ckpt_root = os.path.join(out, "checkpoints")
-    resume_from = latest_checkpoint(ckpt_root) if recipe.checkpoint.resume == "auto" else None
     if recipe.checkpoint.resume == "never" and checkpoint_dirs(ckpt_root):
         raise UserError(f"checkpoint.resume: never, but {ckpt_root} holds checkpoints of an earlier run; "
                         f"choose a new output_dir or delete them")
 
-    engine = engine_factory(recipe, tokenizer, precision, device)
-    plan = _plan(recipe, len(data.train), engine.world_size)
+    token_ids = train_token_ids(recipe, tokenizer, template)  # rows trained beside a LoRA adapter
+    engine = make_engine(recipe, tokenizer, precision, device, token_ids)
+    schedule = make_schedule(t, len(data.train), engine.world_size)
 
-    state = State()
+    state, data_note = State(), None
     if resume_from:
-        saved = load_trainer_state(resume_from)
-        _check_resumable(recipe, saved.get("recipe", {}), resume_from)
-        state = State(**saved["state"])
-        if state.step > plan.total_steps:
-            raise UserError(f"training.max_steps: {resume_from} is at step {state.step}, past this recipe's "
-                            f"{plan.total_steps} steps; use a new output_dir to train a shorter run")
-        try:
-            engine.load(resume_from)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a damaged file: say which, and what to do
-            previous = checkpoint_dirs(ckpt_root)[:-1]
-            fallback = f"delete it to resume from {previous[-1]}" if previous else "delete it to start over"
-            raise UserError(f"{resume_from} cannot be read ({type(e).__name__}: {str(e)[:200]}); {fallback}") \
-                from None
-        restore_rng(resume_from)
-        if engine.is_main:
-            _truncate_metrics(os.path.join(out, "metrics.jsonl"), state.step)
+        data_note = _check_data_unchanged(recipe, data.fingerprint, resume_from)
+        state = _resume(recipe, engine, schedule, resume_from)
     elif engine.is_main:
-        _start_output(recipe, out)
-    log = RunLog(out, plan.total_steps, every=recipe.logging.every_steps, tensorboard=recipe.logging.tensorboard,
-                 progress=recipe.logging.progress, enabled=engine.is_main, start_step=state.step)
+        _start_output(recipe, out, tokenizer)
+    summary = _finished_summary(out) if resume_from and state.step == schedule.total_steps else None
+    if summary is not None:
+        if engine.is_main:
+            print(f"{out} holds a finished run of {schedule.total_steps} steps: nothing to do (use a new output_dir "
+                  f"to train again)", file=sys.stderr)
+        return summary
+    log = RunLog(out, schedule.total_steps, every=recipe.logging.every_steps, report_to=report_to(recipe),
+                 config=recipe_to_dict(recipe), progress=recipe.logging.progress, enabled=engine.is_main,
+                 start_step=state.step)
     log.message(data.stats.describe())
-    log.message(f"model: {engine.num_parameters:,} parameters, {_count_trainable(engine):,} trained "
-                f"({t.method}, {precision.name}, {device.type}); {plan.total_steps} steps of "
-                f"{plan.rows_per_step} rows x {recipe.data.max_seq_len} tokens at most")
+    log.message(f"precision: {precision.reason or precision.name}")
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in engine.trainable().values())
+    log.message(f"model: {engine.num_parameters:,} parameters, {trained:,} trained "
+                f"({t.method}, {precision.name}, {device.type}); {schedule.total_steps} steps of "
+                f"{schedule.rows_per_step} rows x {recipe.data.max_seq_len} tokens at most")
+    if token_ids:
+        names = ", ".join(tokenizer.id_to_piece(i) for i in token_ids)
+        log.message(f"lora.train_tokens: the embedding{'' if engine.core.config.tie_word_embeddings else ' and head'} "
+                    f"rows of {names} train with the adapter")
+    if t.method == "lora" and (note := untrained_rows_warning(engine.core, train_token_ids(
+            dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, train_tokens="auto"),
+                                distributed=dataclasses.replace(recipe.distributed, backend="none")),
+            tokenizer, template), token_ids)):
+        log.message(note)
     if resume_from:
-        log.message(f"resuming from {resume_from} (step {state.step} of {plan.total_steps})")
-    if plan.warmup_steps >= plan.total_steps:
-        log.message(f"note: warmup ({plan.warmup_steps} steps) is not shorter than the run ({plan.total_steps} "
-                    f"steps): the learning rate never reaches training.lr")
-    summary_file = os.path.join(out, "summary.json")
-    if resume_from and state.step == plan.total_steps and os.path.isfile(summary_file) and \
-            os.path.isdir(os.path.join(out, "final")):
-        log.message(f"{out} holds a finished run of {plan.total_steps} steps: nothing to do (use a new output_dir "
-                    f"to train again)")
-        log.close()
-        with open(summary_file, encoding="utf-8") as f:
-            return json.load(f)
+        log.message(f"resuming from {resume_from} (step {state.step} of {schedule.total_steps})")
+        if data_note:
+            log.message(data_note)
+    if schedule.warmup_steps >= schedule.total_steps:
+        log.message(f"note: warmup ({schedule.warmup_steps} steps) is not shorter than the run "
+                    f"({schedule.total_steps} steps): the learning rate never reaches training.lr")
+    run = Run(recipe, engine, data, tokenizer, template, schedule, state, log)
+    try:
+        with StopRequest() as stop:
+            _loop(run, stop)
+        return _finish(run)
+    except TrainingInterrupted:
+        log.close("interrupted")  # the trackers record how the run ended
+        raise
+    except BaseException:
+        log.close("failed")
+        raise
 
-    stop = _StopRequest()
-    with stop:
-        _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop)
-    return _finish(recipe, engine, data, tokenizer, template, plan, state, log)
 
-
-def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> None:
+def _loop(run: Run, stop: StopRequest) -> None:
+    recipe, engine, state, log = run.recipe, run.engine, run.state, run.log
     t, ev = recipe.training, recipe.eval
-    ckpt_root = os.path.join(recipe.output_dir, "checkpoints")
-    if state.step == 0 and ev.exact_match and data.validation_examples:
-        score = exact_match(engine.core, tokenizer, template, _held_out(data)[:ev.exact_match],
-                            max_new_tokens=ev.max_new_tokens)
+    if state.step == 0 and ev.exact_match and run.data.validation_examples:
+        examples = run.data.validation_examples[:ev.exact_match]
+        score = exact_match(engine.core, run.tokenizer, run.template, examples, max_new_tokens=ev.max_new_tokens)
         log.log(0, val_exact_match=score)
-        log.message(f"exact match before training: {score:.1%} on {min(ev.exact_match, len(data.validation_examples))}"
-                    f" held-out examples")
+        log.message(f"exact match before training: {score:.1%} on {len(examples)} held-out examples")
     engine.module.train()
     window_start, window_tokens = time.time(), 0
-    while state.step < plan.total_steps:
+    while state.step < run.schedule.total_steps:
         step = state.step + 1
-        lr = learning_rate(step, plan, t)
+        lr = learning_rate(step, run.schedule)
         engine.set_lr(lr)
 
         # Gradient accumulation: the loss of each micro-batch is a SUM over its tokens, divided by the number of
         # trained tokens in the whole window (all micro-batches, all ranks). The accumulated gradient is then
         # exactly that of one large batch, however the tokens fall into micro-batches. (Dividing each
         # micro-batch's mean by the number of micro-batches would weight short micro-batches too much.)
-        batches = [collate(rows, tokenizer.pad_id) for rows in _micro_batches(data.train, plan, step - 1, engine)]
-        local = torch.tensor([[float(count_targets(b["labels"])), float((b["input_ids"] != tokenizer.pad_id).sum())]
-                              for b in batches]).sum(0)
+        batches = [collate(_rows(run.data.train, indices), run.tokenizer.pad_id)
+                   for indices in micro_batch_indices(run.schedule, step - 1, engine.rank, engine.world_size)]
+        local = torch.tensor([[float(count_targets(b["labels"])),
+                               float((b["input_ids"] != run.tokenizer.pad_id).sum())] for b in batches]).sum(0)
         n_targets, tokens = (int(x) for x in engine.all_reduce_sum(local).tolist())  # over all ranks
         loss_sum = 0.0
         for batch in batches:
@@ -187,7 +222,7 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
         state.trained_tokens += n_targets
         window_tokens += tokens
         tokens_per_s = window_tokens / max(time.time() - window_start, 1e-9)
-        if step % recipe.logging.every_steps == 0 or step == plan.total_steps:
+        if step % recipe.logging.every_steps == 0 or step == run.schedule.total_steps:
             log.log(step, train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens=state.tokens,
                     tokens_per_s=round(tokens_per_s, 1))
             window_start, window_tokens = time.time(), 0
@@ -197,13 +232,13 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
         # different moments, so they agree on it (one tiny all-reduce; a no-op on one device).
         stopping = engine.all_reduce_sum(torch.tensor([float(stop.requested)])).item() > 0
         paused = False
-        if ev.every_steps and step % ev.every_steps == 0 and step < plan.total_steps:
-            _evaluate(recipe, engine, data, tokenizer, template, step, log)
+        if ev.every_steps and step % ev.every_steps == 0 and step < run.schedule.total_steps:
+            _evaluate(run, step)
             engine.module.train()
             paused = True
         every = recipe.checkpoint.every_steps
-        if (every and step % every == 0 and step < plan.total_steps) or stopping:
-            path = _save(recipe, engine, state, ckpt_root)
+        if (every and step % every == 0 and step < run.schedule.total_steps) or stopping:
+            path = _save(run)
             paused = True
             if stopping:
                 log.message(f"interrupted: saved {path}; run the same command again to resume")
@@ -212,18 +247,21 @@ def _loop(recipe, engine, data, tokenizer, template, plan, state, log, stop) -> 
             window_start, window_tokens = time.time(), 0
 
 
-def _finish(recipe, engine, data, tokenizer, template, plan, state, log) -> dict:
+def _finish(run: Run) -> dict:
+    recipe, engine, state, log = run.recipe, run.engine, run.state, run.log
     out = recipe.output_dir
-    ckpt_root = os.path.join(out, "checkpoints")
-    last = latest_checkpoint(ckpt_root)
+    last = latest_checkpoint(run.checkpoints)
     if last is None or load_trainer_state(last)["state"]["step"] != state.step:
-        _save(recipe, engine, state, ckpt_root)
-    metrics = _evaluate(recipe, engine, data, tokenizer, template, state.step, log)
+        _save(run)
+    metrics = _evaluate(run, state.step)
     final = os.path.join(out, "final")
-    engine.save_final(final, recipe, tokenizer_path(recipe), template)
+    companions = companion_files(run.tokenizer, run.template, max_len=run.engine.core.config.max_seq_len)
+    preset_base = os.path.join(out, "base") if recipe.model.preset is not None else None
+    with _writing(f"the final model to {final}", run.checkpoints):
+        engine.save_final(final, companions, preset_base)
     if recipe.eval.mmlu:
         from .mmlu import evaluate_mmlu
-        report = evaluate_mmlu(engine.core, tokenizer, recipe.eval.mmlu, shots=recipe.eval.mmlu_shots,
+        report = evaluate_mmlu(engine.core, run.tokenizer, recipe.eval.mmlu, shots=recipe.eval.mmlu_shots,
                                output=os.path.join(out, "mmlu.json") if engine.is_main else None)
         metrics["mmlu_average"] = report["average"]
         log.log(state.step, mmlu_average=report["average"])
@@ -233,7 +271,8 @@ def _finish(recipe, engine, data, tokenizer, template, plan, state, log) -> dict
         "wall_time_s": round(time.time() - log.start_time, 1), "final": final, "output_dir": out,
     }
     if engine.is_main:
-        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        with _writing(os.path.join(out, "summary.json"), run.checkpoints):
+            write_json(os.path.join(out, "summary.json"), summary)
         lines = [f"done: {state.step} steps, {state.tokens:,} tokens ({state.trained_tokens:,} trained) in "
                  f"{format_duration(summary['wall_time_s'])}",
                  f"  train loss {state.train_loss:.4f}" if state.train_loss is not None else "  no training steps"]
@@ -243,78 +282,151 @@ def _finish(recipe, engine, data, tokenizer, template, plan, state, log) -> dict
             lines.append(f"  exact match {metrics['val_exact_match']:.1%} on held-out examples")
         if "mmlu_average" in metrics:
             lines.append(f"  MMLU {recipe.eval.mmlu_shots}-shot average {metrics['mmlu_average']:.1%}")
-        lines.append(f"  outputs in {out}/ (final model: {final}/, metrics: {out}/metrics.jsonl)")
+        log.close()  # metrics.jsonl complete before it is drawn
+        plot = _plot(out)
+        lines.append(f"  outputs in {out}/ (final model: {final}/, metrics: {out}/metrics.jsonl{plot})")
         log.message("\n".join(lines))
     log.close()
     return summary
 
 
+def _plot(out: str) -> str:
+    """OUT/loss.png (train and validation loss against tokens, the learning rate beside); a note if it cannot be
+    drawn (no matplotlib, no logged loss): the run itself is fine either way."""
+    from .plots import plot_run
+    try:
+        return f", loss curves: {plot_run(out)}"
+    except UserError as e:
+        return f"; no loss.png: {e}"
+
+
 # --- helpers ----------------------------------------------------------------------------------------------------
 
-def _local_engine(recipe: Recipe, tokenizer, precision, device):
-    base = build_model(recipe, tokenizer, device,
-                       precision.weights if recipe.training.method == "lora" else torch.float32)
-    if recipe.training.quantize:
-        quantize_base_4bit(base, device)
-    num_parameters = base.num_parameters()
-    module = base
-    if recipe.training.method == "lora":
-        module = add_lora(base, recipe, _base_path(recipe))
-    else:
-        for p in base.parameters():
-            p.requires_grad_(True)
-    optimizer = make_optimizer(module, recipe, device)
-    engine = SingleDeviceRun(module, base, optimizer, precision, device, recipe.training.grad_clip,
-                             release_memory=recipe.training.release_memory)
-    engine.num_parameters = num_parameters
-    return engine
+def _finished_summary(out: str) -> dict | None:
+    """The summary of a finished run in `out`, or None (no final model, or its summary.json is missing or damaged:
+    then the final model and summary are written again from the last checkpoint)."""
+    if not os.path.isdir(os.path.join(out, "final")):
+        return None
+    try:
+        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+            summary = parse_json(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
-class SingleDeviceRun(LocalEngine):
-    """LocalEngine plus writing the final model: the full weights in HF layout, or the PEFT adapter."""
-
-    def save_final(self, final: str, recipe: Recipe, tokenizer_file: str, template) -> None:
-        from llama_core.checkpoint import save_hf
-
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if recipe.training.method == "lora":
-            base = os.path.join(recipe.output_dir, "base")
-            if recipe.model.preset is not None and not os.path.isfile(os.path.join(base, "config.json")):
-                _save_base_weights(self.core, base, tokenizer_file)
-            # adapter_config.json + adapter_model.safetensors (the embeddings are never adapted)
-            self.module.save_pretrained(tmp, save_embedding_layers=False)
-            os.makedirs(tmp, exist_ok=True)
-        else:
-            save_hf(self.core, self.core.config, tmp)
-        publish_final(tmp, final, tokenizer_file, template)
+@contextlib.contextmanager
+def _writing(what: str, checkpoints: str):
+    """A write at the end of a run that fails (a full disk: OSError, or SafetensorError, which is not one) is a
+    WriteError naming the last complete checkpoint, from which the same command finishes the run."""
+    try:
+        yield
+    except (OSError, SafetensorError, CheckpointError, OutputError) as e:
+        last = latest_checkpoint(checkpoints)
+        kind = "" if isinstance(e, (CheckpointError, OutputError)) else f"{type(e).__name__}: "
+        raise WriteError(f"could not write {what} ({kind}{str(e)[:300]}). The last complete checkpoint is "
+                         f"{last or 'none'}: free some space (or fix the cause) and run the same command again to "
+                         f"finish the run") from None
 
 
-def _save_base_weights(core, path: str, tokenizer_file: str) -> None:
-    """A preset model trained with LoRA has no checkpoint on disk: write its (untrained) base next to the adapter."""
-    from llama_core.checkpoint import save_hf
-
-    base_state = {n: p for n, p in core.state_dict().items() if "lora_" not in n}
-    base_state = {n.replace(".base_layer.", "."): p for n, p in base_state.items()}
-    save_hf(base_state, core.config, path, extra_files={"tokenizer.model": tokenizer_file})  # atomic
-
-
-def _base_path(recipe: Recipe) -> str:
-    if recipe.model.checkpoint is not None:
-        return os.path.abspath(recipe.model.checkpoint)
-    return os.path.abspath(os.path.join(recipe.output_dir, "base"))
-
-
-def _count_trainable(engine) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.trainable().values())
+def _precision(recipe: Recipe, tokenizer, device, resume_from: str | None):
+    """training.precision on this device. `auto` on a CPU with bf16 instructions measures a product of the run's
+    shape (finetune.precision); a resumed run keeps what its checkpoint trained with, so a measurement cannot
+    switch a run's precision half-way."""
+    t, deepspeed = recipe.training, recipe.distributed.backend == "deepspeed"
+    if resume_from and t.precision == "auto":
+        try:
+            saved = load_trainer_state(resume_from).get("precision")
+        except UserError:  # a damaged checkpoint: reported by _resume with what to do
+            saved = None
+        if saved in ("fp32", "bf16", "fp16"):
+            chosen = resolve_precision(saved, device.type, deepspeed=deepspeed)
+            return dataclasses.replace(chosen, reason=f"{saved}, as the run being resumed")
+    shape = step_shape(recipe, model_config(recipe, tokenizer))
+    return resolve_precision(t.precision, device.type, deepspeed=deepspeed, shape=shape)
 
 
-def _start_output(recipe: Recipe, out: str) -> None:
+def _check_data_unchanged(recipe: Recipe, fingerprint: str, path: str) -> str | None:
+    """A resumed run trains on the data its checkpoint was made with: the tokens and labels' fingerprint must be the
+    checkpoint's (a data file edited since would silently change what the remaining steps read), unless
+    checkpoint.allow_data_change. Returns the loud note to print in that case."""
+    try:
+        saved = load_trainer_state(path).get("data_fingerprint")
+    except UserError:  # a damaged checkpoint: reported by _resume with what to do
+        return None
+    if not saved or saved == fingerprint:  # checkpoints of older versions have none
+        return None
+    if not recipe.checkpoint.allow_data_change:
+        raise UserError(f"the training data changed since {path} was written (its tokens and labels differ: a data "
+                        f"file was edited, or the template or tokenizer changed); resuming would train the remaining "
+                        f"steps on other data. Use a new output_dir, or set checkpoint.allow_data_change: true to "
+                        f"resume anyway")
+    return (f"WARNING: the training data changed since {path} (checkpoint.allow_data_change: true): the remaining "
+            f"steps read the new data in a different order")
+
+
+def _resume(recipe: Recipe, engine: Engine, schedule: Schedule, path: str) -> State:
+    """The state saved in checkpoint `path`, loaded into the engine, after checking it belongs to this run. A
+    damaged file (trainer state, weights, optimizer state, random generators) is a UserError that names it and
+    says how to go on: delete the checkpoint to resume from the one before."""
+    previous = checkpoint_dirs(os.path.dirname(path))[:-1]
+    fallback = f"delete it to resume from {previous[-1]}" if previous else "delete it to start over"
+    try:
+        saved = load_trainer_state(path)
+        state = _saved_state(saved, path)
+    except UserError as e:
+        raise UserError(f"{e}; {fallback}") from None
+    _check_resumable(recipe, saved.get("recipe") or {}, path)
+    if state.step > schedule.total_steps:
+        raise UserError(f"training.max_steps: {path} is at step {state.step}, past this recipe's "
+                        f"{schedule.total_steps} steps; use a new output_dir to train a shorter run")
+    try:
+        engine.load(path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: say which, and what to do
+        raise UserError(f"{path} cannot be read ({load_error_text(e)}); {fallback}") from None
+    try:
+        restore_rng(path)
+    except UserError as e:
+        raise UserError(f"{e}; {fallback}") from None
+    if engine.is_main:
+        _truncate_metrics(os.path.join(recipe.output_dir, "metrics.jsonl"), state.step)
+    return state
+
+
+def _saved_state(saved: dict, path: str) -> State:
+    """The State a trainer_state.json holds, checked field by field (a file of another program, or damaged, is
+    a UserError naming it)."""
+    file = os.path.join(path, "trainer_state.json")
+    fields = {f.name: f for f in dataclasses.fields(State)}
+    values = saved["state"]
+    problems = [f"unknown entry {k!r}" for k in values if k not in fields]
+    for name in ("step", "tokens", "trained_tokens", "skipped_steps"):
+        v = values.get(name, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            problems.append(f"{name} must be a non-negative integer, got {v!r}")
+    loss = values.get("train_loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        problems.append(f"train_loss must be a number, got {loss!r}")
+    if "step" not in values:
+        problems.append("no step")
+    if not isinstance(saved.get("recipe", {}), dict):
+        problems.append("its recipe is not a mapping")
+    if problems:
+        raise UserError(f"{file}: not a trainer state of this program ({'; '.join(problems[:3])})")
+    return State(**values)
+
+
+def _start_output(recipe: Recipe, out: str, tokenizer: Tokenizer) -> None:
+    """A fresh run's first files: the run folder's marker first (so the folder is known as a run's from now on),
+    the resolved recipe, the tokenizer; an earlier attempt's metrics (a run's own file) are dropped."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "recipe.yaml"), "w", encoding="utf-8") as f:
-        f.write(f"# resolved from {recipe.source}\n" + dump_recipe(recipe))
-    shutil.copyfile(tokenizer_path(recipe), os.path.join(out, "tokenizer.model"))
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+    write_text(os.path.join(out, RUN_MARKER), "a llama-finetune training run folder (written by `finetune`)\n")
+    write_text(os.path.join(out, "recipe.yaml"), f"# resolved from {recipe.source}\n" + dump_recipe(recipe))
+    for name, source in tokenizer.files.items():  # the tokenizer the run used (tokenizer.model, or .json + config)
+        write_bytes(os.path.join(out, name), source if isinstance(source, bytes) else Path(source).read_bytes())
+    if os.path.isfile(os.path.join(out, "metrics.jsonl")):
         os.remove(os.path.join(out, "metrics.jsonl"))
 
 
@@ -364,92 +476,51 @@ def _truncate_metrics(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     kept = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                if json.loads(line).get("step", 0) <= step:
+                if parse_json(line).get("step", 0) <= step:
                     kept.append(line)
-            except json.JSONDecodeError:  # blank, or torn by a crash while it was written
+            except (ValueError, AttributeError, TypeError):  # blank, or torn by a crash while it was written
                 pass
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(kept))
 
 
-def _plan(recipe: Recipe, rows: int, world_size: int) -> Plan:
-    t = recipe.training
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-    steps_per_epoch = rows // per_step
-    if steps_per_epoch == 0:
-        raise UserError(f"training: one optimizer step needs {per_step} rows (micro_batch_size x "
-                        f"gradient_accumulation_steps x {world_size} rank(s)) but the data has only {rows}; lower "
-                        f"training.micro_batch_size or training.gradient_accumulation_steps")
-    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    warmup = t.warmup_steps or int(t.warmup_ratio * total)
-    return Plan(rows, per_step, t.micro_batch_size, t.gradient_accumulation_steps, t.seed, steps_per_epoch, total,
-                warmup)
+def _rows(dataset, indices: list[int]) -> list[dict]:
+    columns = dataset[indices]  # {column: [row values]}
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def learning_rate(step: int, plan: Plan, t) -> float:
-    """Linear warmup to `lr`, then cosine (or linear) decay to `min_lr_ratio * lr` at the last step."""
-    if step <= plan.warmup_steps:
-        return t.lr * step / plan.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    progress = (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
-
-
-def _micro_batches(dataset, plan: Plan, step_index: int, engine):
-    """The rows of each micro-batch of this rank for an optimizer step: a pure function of the step.
-
-    Each epoch visits the rows in a seeded random order; a step takes `rows_per_step` consecutive rows of that
-    order (the remainder of an epoch that does not fill a step is left out). No iterator state, so resuming
-    at step N reads exactly what an uninterrupted run reads.
-    """
-    epoch, index = divmod(step_index, plan.steps_per_epoch)
-    order = torch.randperm(plan.rows, generator=torch.Generator().manual_seed(plan.seed * 1000 + epoch))
-    start = index * plan.rows_per_step
-    for j in range(plan.accumulation):
-        first = start + (j * engine.world_size + engine.rank) * plan.micro_batch
-        columns = dataset[order[first:first + plan.micro_batch].tolist()]  # {column: [row values]}
-        yield [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
-def _evaluate(recipe, engine, data, tokenizer, template, step: int, log: RunLog) -> dict:
-    ev, metrics = recipe.eval, {}
+def _evaluate(run: Run, step: int) -> dict:
+    recipe, engine, data, ev, metrics = run.recipe, run.engine, run.data, run.recipe.eval, {}
     if data.validation is not None and len(data.validation):
-        loss = validation_loss(engine, data.validation, recipe.training.micro_batch_size, tokenizer.pad_id,
+        loss = validation_loss(engine, data.validation, recipe.training.micro_batch_size, run.tokenizer.pad_id,
                                max_batches=ev.max_batches)
         metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50)))
-    examples = _held_out(data)
+    examples = list(data.validation_examples or [])  # held-out conversations, {"messages": [...]}
     if ev.exact_match and examples:
-        metrics["val_exact_match"] = exact_match(engine.core, tokenizer, template, examples[:ev.exact_match],
+        metrics["val_exact_match"] = exact_match(engine.core, run.tokenizer, run.template, examples[:ev.exact_match],
                                                  max_new_tokens=ev.max_new_tokens)
     if ev.generate_prompts and examples and engine.is_main:
-        write_samples(engine.core, tokenizer, template, examples[:ev.generate_prompts],
+        write_samples(engine.core, run.tokenizer, run.template, examples[:ev.generate_prompts],
                       os.path.join(recipe.output_dir, "samples", f"step-{step:08d}.jsonl"),
                       max_new_tokens=ev.max_new_tokens)
     if metrics:
-        log.log(step, **metrics)
+        run.log.log(step, **metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        log.message(f"step {step}: {shown}")
+        run.log.message(f"step {step}: {shown}")
     return metrics
 
 
-def _held_out(data) -> list[dict]:
-    """Held-out conversations, {"messages": [...]}, for generation and exact match."""
-    return list(data.validation_examples or [])
-
-
-def _save(recipe, engine, state: State, root: str) -> str:
-    payload = {"state": state.__dict__, "world_size": engine.world_size, "recipe": recipe_to_dict(recipe)}
-    return save_checkpoint(root, state.step, engine.save, payload, recipe.checkpoint.keep_last,
+def _save(run: Run) -> str:
+    engine = run.engine
+    payload = {"state": run.state.__dict__, "world_size": engine.world_size, "recipe": recipe_to_dict(run.recipe),
+               "data_fingerprint": run.data.fingerprint, "precision": run.engine.precision.name}
+    return save_checkpoint(run.checkpoints, run.state.step, engine.save, payload, run.recipe.checkpoint.keep_last,
                            is_main=engine.is_main, barrier=engine.barrier)
 
 
-class _StopRequest:
+class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to save a checkpoint after the current step and exit.
 
     A second Ctrl-C interrupts at once; the last checkpoint on disk is complete either way (atomic rename).

@@ -7,8 +7,22 @@ start at 0, so a prompt generates the same tokens alone or in a batch (up to flo
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, extra: int = 0):
+    """(ids (B, L), mask (B, L + extra), positions (B, L)) of token rows left-padded to the longest, L: the mask is
+    0 at the padding (and 1 over `extra` positions to come), positions start at 0 at each row's first real token."""
+    B, L = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.ones(B, L + extra, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :L - len(r)] = 0
+    positions = (mask[:, :L].cumsum(dim=1) - 1).clamp(min=0)
+    return ids, mask, positions
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -33,12 +47,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 
 @torch.inference_mode()
 def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
+                    top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = 2, pad_id: int = 0,
                     stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
                     tokenizer=None, finish_reasons: list[str] | None = None) -> Iterator[list[list[int]]]:
     """Yield, at each decoding step, the tokens of each row that became final at that step (often none or one).
 
-    The concatenation of a row's yields is what `generate` returns for it. A row ends at `eos_id` (not returned), at
+    The concatenation of a row's yields is what `generate` returns for it. A row ends at `eos_id` (one id, or several:
+    EOS and the end-of-turn tokens, as `tokenizer.stop_ids`; not returned), at
     the first occurrence of a `stop` string in its decoded continuation (`tokenizer` required), after
     `max_new_tokens`, or when prompt + new tokens reach `model.config.max_seq_len`. With stop strings, tokens are held
     back while the text ends with the start of a stop string or an incomplete UTF-8 character, and a row that stops
@@ -47,6 +62,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     with each row's reason: "eos", "stop" or "length".
     """
     stop = [s for s in (stop or []) if s]
+    stop_ids = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     reasons = finish_reasons if finish_reasons is not None else []
     reasons[:] = ["length"] * len(prompts)
     if stop and tokenizer is None:
@@ -64,13 +80,8 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     if steps == 0:
         return
     device = next(model.parameters()).device
-    tokens = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.ones(B, L + steps, dtype=torch.long)  # over prompt and new tokens: 0 at the left padding
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, :L - len(p)] = 0
-    tokens, mask = tokens.to(device), mask.to(device)
-    positions = (mask[:, :L].cumsum(dim=1) - 1).clamp(min=0)
+    tokens, mask, positions = left_pad(prompts, pad_id, extra=steps)  # mask over prompt and new tokens
+    tokens, mask, positions = tokens.to(device), mask.to(device), positions.to(device)
     cache = model.make_cache(B, L + steps - 1)  # the last token is never fed back
     padded = min(lengths) < L  # without padding no mask is needed: plain causal attention
     logits = model(tokens, position_ids=positions, attention_mask=mask[:, :L] if padded else None, cache=cache,
@@ -83,13 +94,16 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         for i, t in enumerate(next_tokens.tolist()):
             if done[i]:
                 continue
-            if t == eos_id:
+            if t in stop_ids:
                 done[i], reasons[i] = True, "eos"
             else:
                 new[i].append(t)
-            end = len(new[i]) if not stop or done[i] else _stop_check(tokenizer, new[i], stop)
-            if end < 0:  # a stop string: keep what precedes it
-                done[i], end, reasons[i] = True, -end - 1, "stop"
+            end = len(new[i])
+            if stop and not done[i]:
+                scan = scan_for_stop(tokenizer, new[i], stop)
+                end = scan.safe_tokens
+                if scan.stopped:  # keep what precedes the stop string
+                    done[i], reasons[i] = True, "stop"
             out[i], released[i] = new[i][released[i]:end], max(released[i], end)
         if step == steps - 1 or all(done):
             # Rows cut short by the length limit release what they held back.
@@ -100,9 +114,14 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                        attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
 
 
-def _stop_check(tokenizer, tokens: list[int], stop: list[str]) -> int:
-    """-(n + 1) if the text contains a stop string and tokens[:n] is the part before it; else the number of leading
-    tokens whose text can no longer become part of a stop string."""
+@dataclass
+class StopScan:
+    stopped: bool  # the text contains a stop string
+    safe_tokens: int  # stopped: the tokens before it; else the leading tokens that can no longer be part of one
+
+
+def scan_for_stop(tokenizer, tokens: list[int], stop: list[str]) -> StopScan:
+    """Where a row's generated tokens stand against the stop strings."""
     text = tokenizer.decode(tokens, continuation=True)
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     if hits:
@@ -114,11 +133,11 @@ def _stop_check(tokenizer, tokens: list[int], stop: list[str]) -> int:
     n = len(tokens)
     while n and not text[:safe].startswith(tokenizer.decode(tokens[:n], continuation=True)):
         n -= 1
-    return -(n + 1) if hits else n
+    return StopScan(bool(hits), n)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = 2, pad_id: int = 0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None = 2, pad_id: int = 0,
              stop: Sequence[str] | None = None, generator: torch.Generator | None = None,
              tokenizer=None, finish_reasons: list[str] | None = None) -> list[list[int]]:
     """The new tokens of each prompt, without eos and stop strings: see `stream_generate`."""

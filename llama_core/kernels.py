@@ -4,7 +4,7 @@ Each op has a reference (`*_reference`: plain torch ops that autograd differenti
 compare against) and a fused version, an autograd Function that saves only what its backward pass cannot cheaply
 recompute and creates few temporaries. On CUDA with Triton installed the fused versions run the Triton kernels of
 `llama_core.triton_kernels`; elsewhere they run the torch code below. Under torch.compile the references are traced
-and inductor fuses them itself. `set_backend("reference")` switches the fused versions off (tests, benchmarks).
+and inductor fuses them itself. `with backend("reference"):` switches the fused versions off (tests, benchmarks).
 
 Saved for the backward pass, per token (d = dim, f = hidden_dim), reference -> fused:
   RMSNorm  x, x/rms, 1/rms -> x, 1/rms                      (the output is saved by the next linear layers)
@@ -15,23 +15,35 @@ Saved for the backward pass, per token (d = dim, f = hidden_dim), reference -> f
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
+import math
+import time
 
 import torch
 import torch.nn.functional as F
 
 _BACKENDS = ("auto", "torch", "triton", "reference")
-_backend = "auto"
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("llama_core_kernel_backend", default="auto")
 
 
-def set_backend(name: str) -> None:
-    """auto: Triton on CUDA when installed, else the fused torch code; torch: never Triton; triton: always Triton
-    (on CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1: for tests); reference: plain ops."""
-    global _backend
+@contextlib.contextmanager
+def backend(name: str | None):
+    """Within the block, the fused ops use `name` (None: leave the current choice). auto: Triton on CUDA when
+    installed, else the fused torch code; torch: never Triton; triton: always Triton (on CPU tensors only in
+    Triton's interpreter, TRITON_INTERPRET=1: for tests); reference: plain ops. `Transformer.forward` enters the
+    model's own `kernels` setting, so a model carries its choice; nothing is set globally."""
+    if name is None:
+        yield
+        return
     if name not in _BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(_BACKENDS)}")
-    _backend = name
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
 
 
 @functools.cache
@@ -41,9 +53,12 @@ def triton_available() -> bool:
 
 def _mode(x: torch.Tensor) -> str:
     """reference, torch or triton, for an op on x."""
-    if _backend == "reference" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return "reference"
-    if _backend == "triton" or (_backend == "auto" and x.is_cuda and triton_available()):
+    chosen = _backend.get()
+    if chosen == "reference":
+        return "reference"
+    if chosen == "triton" or (chosen == "auto" and x.is_cuda and triton_available()):
         return "triton"
     return "torch"
 
@@ -112,8 +127,9 @@ class _TorchOps:
         return (total.log_() + peak - target_logits).sum()
 
 
-def _ops(x: torch.Tensor):
-    """The fused steps for an op on x (`_TorchOps` or `triton_kernels`), or None for the reference ops."""
+def ops_for(x: torch.Tensor):
+    """The fused steps for an op on x (`_TorchOps` or `triton_kernels`), or None for the reference ops. Resolved in
+    the forward pass and kept for the backward pass, which runs outside the forward's `backend` block."""
     mode = _mode(x)
     if mode == "triton":
         from . import triton_kernels
@@ -130,9 +146,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The value without autograd (also what the backward pass recomputes)."""
-    return (_ops(x) or _TorchOps).rms_norm_forward(x, weight, eps)[0]
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, ops=None) -> torch.Tensor:
+    """The value without autograd (also what the backward pass recomputes, with the forward pass's `ops`)."""
+    return (ops or ops_for(x) or _TorchOps).rms_norm_forward(x, weight, eps)[0]
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -151,7 +167,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    ops = _ops(x)
+    ops = ops_for(x)
     if ops is None:
         return rms_norm_reference(x, weight, eps)
     if not _needs_grad(x, weight):
@@ -182,7 +198,7 @@ class _Rotary(torch.autograd.Function):
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    ops = _ops(x)
+    ops = ops_for(x)
     if ops is None:
         return rotary_reference(x, cos, sin)
     if not _needs_grad(x):
@@ -196,9 +212,9 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The value without autograd (also what the backward pass recomputes)."""
-    return (_ops(gate) or _TorchOps).swiglu_forward(gate, up)
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, ops=None) -> torch.Tensor:
+    """The value without autograd (also what the backward pass recomputes, with the forward pass's `ops`)."""
+    return (ops or ops_for(gate) or _TorchOps).swiglu_forward(gate, up)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -215,7 +231,7 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    ops = _ops(gate)
+    ops = ops_for(gate)
     if ops is None:
         return swiglu_reference(gate, up)
     if not _needs_grad(gate, up):
@@ -308,7 +324,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             make = torch.empty if h.shape[0] else torch.zeros
             grad_w = make(weight.shape, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        softmax_grad_ = (_ops(h) or _TorchOps).softmax_grad_
+        softmax_grad_ = (ops_for(h) or _TorchOps).softmax_grad_
         key, rows = (weight.shape[0], h.device), min(chunk_size, h.shape[0])
         buffer = _logits_buffers.pop(key, None)  # taken while in use: a concurrent call makes its own
         if buffer is None or buffer.shape[0] < rows:  # one buffer for all chunks
@@ -363,14 +379,49 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 # --- a linear layer for a handful of rows (decoding) ---
 
+_linear_choice: dict[tuple, bool] = {}  # (out, in, rows, dtype, threads) -> the batched product was faster here
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear without bias. On CPU a few rows (decoding) go through a batched product whose batches are slices of
-    the weight's rows, one per thread: MKL's product for one row runs on one thread (3x slower on 2 cores)."""
+    """F.linear without bias. On CPU, a few rows (decoding) may run faster as a batched product whose batches are
+    slices of the weight's rows, one per thread (on some CPUs MKL computes a one-row product on one thread; on
+    others F.linear is already faster). Which one wins is measured once per shape in this process, on this CPU
+    (`batched_linear_is_faster`), so the choice never makes a product slower than F.linear."""
     threads = torch.get_num_threads()
     N, K = weight.shape
     rows = x.numel() // K if K else 0
     if (x.device.type != "cpu" or rows > 16 or rows == 0 or threads < 2 or N % threads or x.dtype != weight.dtype
             or not weight.is_contiguous() or _mode(x) == "reference"):
         return F.linear(x, weight)
+    key = (N, K, rows, x.dtype, threads)
+    if key not in _linear_choice:
+        _linear_choice[key] = batched_linear_is_faster(x.detach(), weight.detach(), threads)
+    return batched_linear(x, weight, threads) if _linear_choice[key] else F.linear(x, weight)
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """F.linear(x, weight) as `threads` products of a slice of the weight's rows each."""
+    N, K = weight.shape
+    rows = x.numel() // K
     out = torch.bmm(weight.view(threads, N // threads, K), x.reshape(rows, K).t().expand(threads, K, rows))
     return out.view(N, rows).t().reshape(*x.shape[:-1], N)  # (threads, N/threads, rows) -> (..., N)
+
+
+def batched_linear_is_faster(x: torch.Tensor, weight: torch.Tensor, threads: int, rounds: int = 5) -> bool:
+    """Time both products on these shapes, alternating, and keep the batched one only if its best time beats
+    F.linear's best by 15% (the minimum is what the machine can do; interruptions only add time)."""
+    with torch.no_grad():
+        plain = lambda: F.linear(x, weight)  # noqa: E731
+        batched = lambda: batched_linear(x, weight, threads)  # noqa: E731
+        plain(), batched()  # first calls: allocation, MKL's own setup
+        best = {plain: math.inf, batched: math.inf}
+        for _ in range(rounds):
+            for fn in best:
+                best[fn] = min(best[fn], _time_call(fn))
+    return best[batched] < 0.85 * best[plain]
+
+
+def _time_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

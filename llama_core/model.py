@@ -6,13 +6,14 @@ unchanged and PEFT adapters name the same modules (`model.layers.0.self_attn.q_p
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels
+from . import kernels, packed_attention
 from .config import LlamaConfig
 
 IGNORE_INDEX = -100
@@ -33,7 +34,8 @@ class RMSNorm(nn.Module):
         if weight.shape != x.shape[-1:]:  # already partitioned away again (DeepSpeed ZeRO-3): keep y
             return contextlib.nullcontext()
         weight = weight.clone()  # (dim,): the value now, whatever happens to the parameter later
-        return kernels.recompute_saved(y, lambda: kernels.rms_norm_forward(x, weight, self.eps))
+        ops = kernels.ops_for(x)
+        return kernels.recompute_saved(y, lambda: kernels.rms_norm_forward(x, weight, self.eps, ops))
 
 
 class Linear(nn.Linear):
@@ -43,9 +45,29 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight) if self.bias is None else super().forward(x)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The rotation frequency of each pair of dimensions, (head_dim/2,) fp32, as transformers computes them:
+    theta^(-2i/d), then for Llama 3.1's "llama3" scaling the low frequencies (wavelengths beyond the original
+    context / low_freq_factor) divided by `factor`, the high ones (below original / high_freq_factor) kept, and
+    those between blended smoothly; "linear" scaling divides all of them by `factor`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high, old = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                   scaling: dict | None = None):
     """cos and sin of each position's rotation angles, (B, T, head_dim), in HF's half-split layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta, scaling, position_ids.device)
     angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -88,9 +110,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_heads, S, head_dim), S = cached + T
         # mask: None means plain causal (or, for a single new token, attend to everything cached).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, head_dim)
+        if isinstance(mask, packed_attention.PackedPlan):  # packed documents on CUDA: no (T, T) mask
+            out = packed_attention.packed_attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -105,7 +130,8 @@ class FeedForward(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, hidden_dim)
         h = kernels.swiglu(gate, up)  # silu(gate) * up
         # down_proj saves its input for its weight gradient: keep gate and up (saved anyway) and recompute it.
-        with kernels.recompute_saved(h, lambda: kernels.swiglu_forward(gate, up)):
+        ops = kernels.ops_for(gate)
+        with kernels.recompute_saved(h, lambda: kernels.swiglu_forward(gate, up, ops)):
             return self.down_proj(h)
 
 
@@ -139,6 +165,10 @@ class LMHead(Linear):
 
 
 class Transformer(nn.Module):
+    # With tie_word_embeddings the head is the embedding matrix; PEFT reads this (as transformers spells it) to
+    # keep trainable token rows tied.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -148,7 +178,9 @@ class Transformer(nn.Module):
             norm=RMSNorm(config.dim, config.norm_eps),
         ))
         self.lm_head = LMHead(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
         self.activation_checkpointing = False
+        self.kernels: str | None = None  # the fused ops' backend (llama_core.kernels.backend); None: the caller's
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -164,6 +196,10 @@ class Transformer(nn.Module):
         cache: a KVCache; its `length` slots are attended to and the new keys/values appended.
         last_only: logits of the last position only, (B, 1, vocab) (decoding needs no more).
         """
+        with kernels.backend(self.kernels):
+            return self._forward(input_ids, labels, position_ids, attention_mask, cache, reduction, last_only)
+
+    def _forward(self, input_ids, labels, position_ids, attention_mask, cache, reduction, last_only):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if position_ids is not None and position_ids.shape != (B, T):
@@ -177,8 +213,16 @@ class Transformer(nn.Module):
         else:
             packed = cache is None
         h = self.model.embed_tokens(input_ids)  # (B, T, dim)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        mask = attention_mask_for(position_ids if packed else None, attention_mask, start, T, input_ids.device)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype,
+                                  self.config.rope_scaling)
+        impl = None
+        if packed and attention_mask is None and input_ids.is_cuda:  # flash varlen / flex document mask
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+            impl = packed_attention.choose_impl(input_ids.device, dtype, self.config.head_dim)
+        if impl is not None:
+            mask = packed_attention.packed_plan(position_ids, impl)
+        else:
+            mask = attention_mask_for(position_ids if packed else None, attention_mask, start, T, input_ids.device)
         for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
@@ -192,14 +236,27 @@ class Transformer(nn.Module):
         # Position t predicts token t+1; only rows with a target go through the output projection.
         targets = labels[:, 1:].reshape(-1)
         keep = targets != IGNORE_INDEX
-        loss = self.lm_head(h[:, :-1].reshape(-1, h.shape[-1])[keep], targets[keep])
+        rows = h[:, :-1].reshape(-1, h.shape[-1])[keep]
+        if isinstance(self.lm_head, LMHead):
+            loss = self.lm_head(rows, targets[keep])
+        else:  # wrapped by PEFT (trainable token rows): its forward knows no targets, its weight is the merged one
+            loss = kernels.linear_cross_entropy(rows, self.lm_head.weight, targets[keep], LMHead.chunk_size)
         if reduction == "sum":
             return loss
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         return loss / keep.sum().clamp(min=1)
 
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, make the head the embedding's parameter (again: `to_empty` unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters, the tied embedding and head counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -210,7 +267,7 @@ class Transformer(nn.Module):
     def reset_parameters(self, seed: int | None = None, std: float = 0.02) -> None:
         """Random initialization (normal(0, std) linears and embeddings, unit norms), repeatable with `seed`."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # a tied head is the embedding: named once
             p.copy_(initial_value(name, p.shape, generator, std))
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from finetune import chat
+from finetune.inference import load_for_inference
 from finetune.cli import main
 from finetune.templates import load_template, tokenize
 from llama_core.generate import generate
-from llama_core.checkpoint import load_model
+from llama_core.weights import load_model
 
 from .test_merge import make_adapter, make_base
 
@@ -114,7 +115,7 @@ def test_chat_streams_and_keeps_turns_in_the_template(run, tokenizer, monkeypatc
 
 
 def test_chat_drops_old_turns_when_the_context_is_full(run, tokenizer, monkeypatch):
-    model, tok, _ = chat.load_for_inference(run["adapter"])
+    model, tok, _ = load_for_inference(run["adapter"])
     template = load_template("vicuna")
     long = " ".join(["the water of the house"] * 5)
     lines = iter([long + "\n", long + "\n", long + "\n", "/exit\n"])
@@ -128,7 +129,7 @@ def test_chat_drops_old_turns_when_the_context_is_full(run, tokenizer, monkeypat
 
 def test_cli_errors_exit_2_without_traceback(run, tmp_path, capsys):
     cases = [(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], "no such folder"),
-             (["generate", "--model", "huggyllama/llama-7b", "--prompt", "x"], "Hub ids are not downloaded"),
+             (["generate", "--model", "huggyllama/llama-7b", "--prompt", "x"], "not in the Hugging Face cache"),
              (["generate", "--model", str(run["base"])], "exactly one of --prompt"),
              (["generate", "--model", str(run["base"]), "--prompt", "x", "--top-p", "0"], "--top-p"),
              (["chat", "--model", str(run["base"]), "--template", "alpaca", "--system", "x"], "no system prompt"),

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from finetune import sources
-from finetune.data import build_datasets, collate, preprocess_report, render_example_for_display, show_examples
+from finetune.data import build_datasets, collate, render_example_for_display, show_examples
 from finetune.errors import DataError
 from finetune.recipe import DataSection, DatasetSection
 from finetune.templates import Template, load_template, tokenize
 from llama_core.model import IGNORE_INDEX
+
+from .test_hub import hub_offline
 
 
 def write_jsonl(path, rows):
@@ -328,10 +329,11 @@ def test_missing_files_and_hub_ids(tmp_path, tokenizer, monkeypatch):
     for missing in ("./nope.jsonl", "nope.jsonl", "data/x/y/z", str(tmp_path / "nope")):
         with pytest.raises(DataError, match="dataset file not found: " + missing):
             build(tmp_path, [missing], tokenizer)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
-    with pytest.raises(DataError, match="'someone/some-data' is not a local file or folder, and the Hugging Face "
-                                        "Hub is unreachable"):
+    hub_offline(monkeypatch, tmp_path / "datasets")  # no socket probe either: any connection fails the test
+    with pytest.raises(DataError, match=re.escape(
+            f"dataset someone/some-data (split 'train'): Hub dataset 'someone/some-data' is not in the datasets cache "
+            f"({tmp_path / 'cache' / 'hf'}) and HF_HUB_OFFLINE is set: load it once where the Hub can be reached "
+            f"(same cache), or unset HF_HUB_OFFLINE, or use a local file")):
         build(tmp_path, ["someone/some-data"], tokenizer)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="unsupported type '.txt'"):
@@ -357,11 +359,13 @@ def test_display_marks_the_masked_text(tmp_path, tokenizer):
     assert "packing efficiency" in report and "=== row 0" in report and "3 examples" in report
 
 
-def test_preprocess_report(tmp_path, tokenizer):
-    from finetune.recipe import Recipe, TokenizerSection
+def test_preprocess_command(tmp_path, tokenizer, capsys):
+    from finetune.cli import main
 
     path = write_jsonl(tmp_path / "a.jsonl", rows(4))
-    recipe = Recipe(tokenizer=TokenizerSection(path=tokenizer.path), datasets=[DatasetSection(path=path)],
-                    template="alpaca", data=cfg(tmp_path, packing=True))
-    report = preprocess_report(recipe, show=1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{preset: tiny}}\ntokenizer: {{path: {tokenizer.path}}}\ndatasets: [{{path: {path}}}]\n"
+                      f"data: {{max_seq_len: 256, packing: true, cache_dir: {tmp_path / 'cache'}}}\n")
+    assert main(["preprocess", "--recipe", str(recipe), "--show", "1"]) == 0
+    report = capsys.readouterr().out
     assert "4 examples" in report and "⟦<s>Below is an instruction" in report and "=== row 1" not in report

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from finetune.cli import main
-from llama_core.checkpoint import load_model
+from llama_core.weights import load_model
 
 from .test_train import ROOT, _losses, _recipe
 
@@ -78,8 +78,9 @@ def test_zero3_two_ranks(tmp_path, tokenizer, hf_twin):
 def test_zero3_lora_matches_one_process(tmp_path, tokenizer):
     from safetensors.torch import load_file
 
+    # (lora.train_tokens is off under DeepSpeed: PEFT's trainable token rows are not ZeRO-partitioned)
     settings = dict(training={"method": "lora", "max_steps": 4, "micro_batch_size": 2, "schedule": "constant",
-                              "lr": 3e-3}, lora={"dropout": 0.0})
+                              "lr": 3e-3}, lora={"dropout": 0.0, "train_tokens": "none"})
     single = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "single"), **settings)
     assert main(["--recipe", single, "training.gradient_accumulation_steps=2"]) == 0
     recipe = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "zero3"),
@@ -93,6 +94,28 @@ def test_zero3_lora_matches_one_process(tmp_path, tokenizer):
     assert (tmp_path / "zero3" / "base" / "model.safetensors").exists()  # the preset base the adapter needs
 
 
+def test_zero3_tied_head_matches_one_process(tmp_path, tokenizer):
+    """A tied head (Llama 3.2's layout) under ZeRO-3: one shared partitioned parameter, the same losses as one
+    process, and a consolidated save that keeps the tie (no lm_head.weight)."""
+    from safetensors import safe_open
+
+    settings = dict(model={"preset": "tiny", "config": {"tie_word_embeddings": True}},
+                    training={"max_steps": 3, "micro_batch_size": 2, "schedule": "constant", "lr": 3e-3})
+    single = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "single"), **settings)
+    assert main(["--recipe", single, "training.gradient_accumulation_steps=2"]) == 0
+    recipe = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "zero3"),
+                     distributed={"backend": "deepspeed", "zero_stage": 3}, **settings)
+    run = _launch(recipe)
+    assert "holds 60,576 of 121,152 parameter values" in run.stderr  # the shared matrix counted once
+    expected, losses = _losses(tmp_path / "single"), _losses(tmp_path / "zero3")
+    assert all(losses[s] == pytest.approx(expected[s], abs=2e-5, rel=0) for s in range(1, 4)), (losses, expected)
+    final = tmp_path / "zero3" / "final"
+    with safe_open(final / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    model = load_model(final)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
@@ -102,7 +125,7 @@ class _Payload:
 
 
 def test_deepspeed_checkpoints_load_weights_only(tmp_path):
-    from finetune.distributed import _safe_checkpoint_engine, weights_only_loads
+    from finetune.deepspeed_io import safe_checkpoint_engine as _safe_checkpoint_engine, weights_only_loads
 
     marker = tmp_path / "pwned"
     torch.save({"optimizer": _Payload(str(marker))}, tmp_path / "optim_states.pt")
@@ -113,3 +136,24 @@ def test_deepspeed_checkpoints_load_weights_only(tmp_path):
     assert not marker.exists()
     torch.save({"w": torch.ones(2)}, tmp_path / "fine.pt")
     assert torch.equal(_safe_checkpoint_engine(None).load(str(tmp_path / "fine.pt"))["w"], torch.ones(2))
+
+
+def test_under_torchrun(tmp_path, tokenizer, monkeypatch, capsys):
+    """torchrun (or any launcher setting WORLD_SIZE > 1): backend none is refused at once, exit 2, nothing
+    written; backend deepspeed runs there as under DeepSpeed's launcher, with the same losses as one process."""
+    settings = dict(training={"max_steps": 3, "micro_batch_size": 2, "schedule": "constant", "lr": 3e-3})
+    none = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "none"), **settings)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--recipe", none]) == 2
+    assert "WORLD_SIZE=2" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["--recipe", none, "training.gradient_accumulation_steps=2"]) == 0  # the same global batch
+    recipe = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "torchrun"),
+                     distributed={"backend": "deepspeed", "zero_stage": 3}, **settings)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "finetune", "--recipe", recipe]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    expected, losses = _losses(tmp_path / "none"), _losses(tmp_path / "torchrun")
+    assert all(losses[s] == pytest.approx(expected[s], abs=2e-5, rel=0) for s in range(1, 4)), (losses, expected)

@@ -8,6 +8,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.lora import LoraLinear, lora_config
+from llama_core import kernels
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,8 +25,11 @@ def adapted(tiny_model, fused: bool, **kwargs):
     return model
 
 
+ROWS, COLS = 2, 16  # the batch of loss_and_grads
+
+
 def loss_and_grads(model, seed=1):
-    ids = torch.randint(0, model.base_model.model.config.vocab_size, (2, 16),
+    ids = torch.randint(0, model.base_model.model.config.vocab_size, (ROWS, COLS),
                         generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(7)  # the same dropout masks for both
     loss = model(input_ids=ids, labels=ids)
@@ -53,14 +57,18 @@ def test_lora_config_uses_the_fused_layer_only_on_llama_core_linears(tiny_model,
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_forward_matches_peft(tiny_model, dropout):
     ours, theirs = adapted(tiny_model, True, lora_dropout=dropout), adapted(tiny_model, False, lora_dropout=dropout)
-    assert_same(loss_and_grads(ours), loss_and_grads(theirs))
+    ours_result = loss_and_grads(ours)
+    rng_after_ours = torch.get_rng_state()
+    assert_same(ours_result, loss_and_grads(theirs))
+    assert torch.equal(rng_after_ours, torch.get_rng_state())  # the same draws: runs and resumes reproduce
     with torch.no_grad():  # inference keeps the same path
         ids = torch.arange(12).view(1, 12)
         ours.eval(), theirs.eval()
         torch.testing.assert_close(ours(input_ids=ids), theirs(input_ids=ids))
 
 
-def test_fused_forward_allocates_less(tiny_model):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_forward_allocates_less(tiny_model, dropout):
     class BytesMade(TorchDispatchMode):
         total = 0
 
@@ -73,11 +81,95 @@ def test_fused_forward_allocates_less(tiny_model):
 
     made = {}
     for fused in (True, False):
-        model = adapted(tiny_model, fused)
+        model = adapted(tiny_model, fused, lora_dropout=dropout)
         with BytesMade() as mode:
             loss_and_grads(model)
         made[fused] = mode.total
     assert made[True] < 0.85 * made[False], made
+
+
+def layer_pair(tiny_model, **kwargs):
+    """The same adapted layer (down_proj of block 1) from our model and from PEFT's, both training."""
+    ours, theirs = adapted(tiny_model, True, **kwargs), adapted(tiny_model, False, **kwargs)
+    pick = lambda model: model.base_model.model.model.layers[1].mlp.down_proj
+    assert type(pick(ours)) is LoraLinear and type(pick(theirs)) is PeftLoraLinear
+    return pick(ours), pick(theirs)
+
+
+def layer_step(layer, x, grad, seed=5) -> list[torch.Tensor]:
+    """The output, the global RNG state after the forward and after the backward pass, and the gradients of x, A
+    and B. The generator moves on between the two passes, as other layers' dropout would move it."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = layer(x)
+    rng_forward = torch.get_rng_state()
+    torch.rand(1000)
+    out.backward(grad)
+    lora = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    result = [out.detach(), rng_forward, torch.get_rng_state(), x.grad] + [p.grad.clone() for p in lora]
+    for p in lora:
+        p.grad = None
+    return result
+
+
+def test_dropout_is_bitwise_peft_s_in_one_layer(tiny_model):
+    ours, theirs = layer_pair(tiny_model, lora_dropout=0.1)
+    x = torch.randn(ROWS, COLS, ours.in_features)
+    grad = torch.randn(ROWS, COLS, ours.out_features)
+    names = ["output", "RNG after forward", "RNG after backward", "grad x", "grad A", "grad B"]
+    for name, got, want in zip(names, layer_step(ours, x, grad), layer_step(theirs, x, grad), strict=True):
+        assert torch.equal(got, want), name
+    # a new seed, a new mask: dropout did happen
+    assert not torch.equal(layer_step(ours, x, grad, seed=6)[0], layer_step(ours, x, grad)[0])
+
+
+def saved_activation_bytes(model) -> int:
+    """Bytes of the distinct tensors other than parameters that autograd keeps for the backward pass of one step.
+    (Saved-tensor hooks of our own turn llama_core's recompute_saved off: the model's inputs count as kept.)"""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:  # saved tensors stay alive: addresses stay distinct
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_and_grads(model)
+    return sum(saved.values())
+
+
+def test_dropout_keeps_no_copy_of_the_input(tiny_model):
+    """PEFT keeps dropout(x) for A's gradient (and the float mask, where x needs a gradient): one (tokens x
+    in_features) fp32 copy or two per adapted layer. The fused layer keeps what it keeps without dropout."""
+    saved = {(fused, p): saved_activation_bytes(adapted(tiny_model, fused, lora_dropout=p))
+             for fused in (True, False) for p in (0.0, 0.1)}
+    model = adapted(tiny_model, True)
+    one_copy_per_layer = sum(ROWS * COLS * m.in_features * 4 for m in model.modules() if isinstance(m, LoraLinear))
+    assert saved[True, 0.1] == saved[True, 0.0], saved
+    assert saved[False, 0.1] - saved[False, 0.0] >= one_copy_per_layer, saved  # what the measure would see
+
+
+def test_dropout_input_goes_through_saved_tensor_hooks(tiny_model):
+    """x is saved with ctx.save_for_backward, so llama_core's recompute_saved rebuilds it instead of keeping it."""
+    ours, theirs = layer_pair(tiny_model, lora_dropout=0.1)
+    source = torch.randn(ROWS, COLS, ours.in_features)
+    grad = torch.randn(ROWS, COLS, ours.out_features)
+    calls = []
+
+    def step(layer):
+        s = source.clone().requires_grad_()
+        x = s * 2  # owns its storage, as the normalized inputs of llama_core's linear layers do
+        torch.manual_seed(5)
+        with kernels.recompute_saved(x, lambda: calls.append(1) or s.detach() * 2):
+            out = layer(x)
+        out.backward(grad)
+        return out.detach(), s.grad, layer.lora_A["default"].weight.grad.clone()
+
+    got = step(ours)
+    assert calls == [1]  # rebuilt once, for the backward pass
+    for a, b in zip(got, step(theirs)):
+        assert torch.equal(a, b)
 
 
 def test_other_cases_fall_back_to_peft(tiny_model):
@@ -113,7 +205,7 @@ def test_adapter_files_are_peft_s(tiny_model, hf_twin, tmp_path):
 
 
 def test_adapters_loaded_back_use_the_fused_layer(tiny_model, tmp_path):
-    from finetune.build import load_adapter
+    from finetune.inference import attach_adapter as load_adapter
 
     ours = adapted(tiny_model, True).eval()
     ours.save_pretrained(tmp_path)

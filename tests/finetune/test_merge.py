@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from finetune import merge as merge_module
+from finetune.inference import load_for_inference
 from finetune.cli import main
 from finetune.templates import load_template, segments_text, tokenize
-from llama_core.checkpoint import load_model, save_hf
+from llama_core.weights import load_model, save_hf
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ def test_merge_user_errors(run, tmp_path, capsys):
     assert "choose a new folder" in capsys.readouterr().err
     assert main(["merge", "--adapter", str(run["adapter"]), "--base", "meta-llama/Llama-2-7b-hf",
                  "--output", str(tmp_path / "o")]) == 2
-    assert "Hub ids are not downloaded" in capsys.readouterr().err
+    assert "not in the Hugging Face cache" in capsys.readouterr().err
 
 
 def test_partial_or_damaged_adapters_are_refused(run, tmp_path, capsys):
@@ -202,11 +202,11 @@ def test_export_onto_itself_keeps_the_run_files(run, tmp_path):
 
 
 def test_load_for_inference_accepts_adapter_folder(run):
-    model, tokenizer, template = merge_module.load_for_inference(run["adapter"])
+    model, tokenizer, template = load_for_inference(run["adapter"])
     with torch.no_grad():
         torch.testing.assert_close(model(run["probe"]), run["expected"], atol=1e-5, rtol=0)
     assert template.name == "vicuna" and tokenizer.vocab_size == 320
-    model2, _, _ = merge_module.load_for_inference(run["base"], run["adapter"])
+    model2, _, _ = load_for_inference(run["base"], run["adapter"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
 

@@ -3,15 +3,18 @@ per-subject / per-category arithmetic on a model whose answers are known by cons
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from finetune import mmlu
-from finetune.errors import UserError
+from finetune.errors import UserError, WriteError
 from finetune.mmlu import AnswerScorer, Question, build_prompt, encode_question, evaluate_mmlu, load_mmlu
 from finetune.templates import format_choices, load_template, segments_text
+
+from .test_hub import hub_offline
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = [Question(f"Dev question {i}?", (f"w{i}", f"x{i}", f"y{i}", f"z{i}"), "ABCDA"[i]) for i in range(5)]
@@ -248,15 +251,17 @@ def test_csv_reading_and_errors(tmp_path):
         load_mmlu(tmp_path)
 
 
-def test_bundled_sample_and_hub_offline(monkeypatch, tiny_model, tokenizer):
+def test_bundled_sample_and_hub_offline(monkeypatch, tmp_path, tiny_model, tokenizer):
     data = load_mmlu(REPO / "data" / "mmlu_sample")
     assert len(data) == 5 and all(len(s["dev"]) == 5 and s["test"] for s in data.values())
     assert {mmlu.SUBJECT_CATEGORY[s] for s in data} == set(mmlu.CATEGORIES)
     report = evaluate_mmlu(tiny_model(), tokenizer, data, shots=5, log=None)
     assert report["questions"] == sum(len(s["test"]) for s in data.values()) and 0 <= report["average"] <= 1
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(mmlu, "_hub_reachable", lambda host="": False)
-    with pytest.raises(UserError, match="Hub is unreachable"):
+    hub_offline(monkeypatch, tmp_path)
+    with pytest.raises(UserError, match=re.escape(
+            f"--data hub (dev split): Hub dataset 'cais/mmlu' is not in the datasets cache ({tmp_path}) and "
+            f"HF_HUB_OFFLINE is set: load it once where the Hub can be reached (same cache), or unset HF_HUB_OFFLINE, "
+            f"or pass the MMLU CSV folder instead (dev/ and test/ from https://")):
         load_mmlu("hub")
 
 
@@ -264,3 +269,154 @@ def test_standard_subject_map():
     assert len(mmlu.SUBJECT_CATEGORY) == 57
     assert mmlu.SUBJECT_CATEGORY["anatomy"] == "other" and mmlu.SUBJECT_CATEGORY["formal_logic"] == "humanities"
     assert sum(c == "STEM" for c in mmlu.SUBJECT_CATEGORY.values()) == 18
+
+
+# --- per-question records (samples=FILE) and the prompt shown ---------------------------------------------------
+
+RECORD_KEYS = {"subject", "index", "question", "choices", "logprobs", "prediction", "answer", "correct", "shots",
+               "prompt_tokens", "truncated"}
+
+
+def _read_records(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _argmax(logprobs: dict) -> str:
+    return max("ABCD", key=lambda letter: logprobs[letter])
+
+
+def test_samples_one_line_per_question_in_data_order(tokenizer, tmp_path):
+    data, choice = {}, {}
+    # Given out of order, with a subject that has too few dev examples (its prompts are shortened).
+    for subject, n, right, dev in (("philosophy", 3, 1, DEV), ("astronomy", 5, 4, DEV), ("anatomy", 2, 0, DEV[:2])):
+        qs, c = _questions(subject, n, right)
+        data[subject] = {"dev": dev, "test": qs}
+        choice |= c
+    model = _Oracle(tokenizer, choice)
+    out = tmp_path / "samples.jsonl"
+    report = evaluate_mmlu(model, tokenizer, data, shots=3, batch_size=4, samples=str(out), log=None)
+    records = _read_records(out)
+    assert all(set(r) == RECORD_KEYS for r in records)
+    assert [(r["subject"], r["index"]) for r in records] == \
+        [(s, i) for s in ("anatomy", "astronomy", "philosophy") for i in range(len(data[s]["test"]))]
+    scorer = AnswerScorer(tokenizer)
+    for r in records:
+        q = data[r["subject"]]["test"][r["index"]]
+        assert (r["question"], tuple(r["choices"]), r["answer"]) == (q.question, q.choices, q.answer)
+        assert r["prediction"] == _argmax(r["logprobs"]) == choice[q.question]  # the oracle's pick, by construction
+        assert r["correct"] == (r["prediction"] == r["answer"]) and all(v <= 0 for v in r["logprobs"].values())
+        ids, k, cut = encode_question(tokenizer, scorer, r["subject"], data[r["subject"]]["dev"], q, 3, 512)
+        assert (r["shots"], r["prompt_tokens"], r["truncated"]) == (k, len(ids), cut)
+    assert [r["shots"] for r in records if r["subject"] == "anatomy"] == [2, 2]
+    # The report is the records counted.
+    assert sum(r["correct"] for r in records) / len(records) == report["average"] == 5 / 10
+    for subject, s in report["subjects"].items():
+        mine = [r for r in records if r["subject"] == subject]
+        assert sum(r["correct"] for r in mine) == s["correct"] and len(mine) == s["total"]
+        assert sum(r["shots"] < 3 for r in mine) == s["shortened"]
+    # Another batch size (another batching order) writes the same file.
+    again = tmp_path / "again.jsonl"
+    evaluate_mmlu(model, tokenizer, data, shots=3, batch_size=1, samples=str(again), log=None)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_samples_of_a_real_model_hold_its_log_likelihoods(tiny_model, tokenizer, tmp_path):
+    model = tiny_model()
+    data = load_mmlu(REPO / "data" / "mmlu_sample")
+    out = tmp_path / "samples.jsonl"
+    report = evaluate_mmlu(model, tokenizer, data, shots=5, batch_size=4, samples=str(out), log=None)
+    records = _read_records(out)
+    assert len(records) == report["questions"] == sum(len(s["test"]) for s in data.values())
+    assert all(r["prediction"] == _argmax(r["logprobs"]) for r in records)
+    assert sum(r["correct"] for r in records) == report["correct"]
+    assert sum(r["truncated"] for r in records) == report["truncated"] and \
+        sum(r["shots"] < 5 for r in records) == report["shortened"] > 0  # the tiny model's 256-token context
+    assert all(r["prompt_tokens"] <= model.config.max_seq_len for r in records)
+    # The log-likelihoods are the scorer's, for this question's prompt alone (no padding).
+    scorer, r = AnswerScorer(tokenizer), records[7]
+    ids, _, _ = encode_question(tokenizer, scorer, r["subject"], data[r["subject"]]["dev"],
+                                data[r["subject"]]["test"][r["index"]], 5, model.config.max_seq_len)
+    direct = scorer.scores(mmlu.last_logits(model, [ids], tokenizer.pad_id, scorer.positions))[0]
+    torch.testing.assert_close(torch.tensor([r["logprobs"][x] for x in "ABCD"]), direct, atol=1e-4, rtol=0)
+
+
+def test_samples_file_is_whole_or_untouched(tokenizer, tmp_path, monkeypatch):
+    qs, choice = _questions("astronomy", 4, 2)
+    data = {"astronomy": {"dev": DEV, "test": qs}}
+    out = tmp_path / "samples.jsonl"
+    out.write_text("an earlier file\n")
+    real, written = mmlu._sample_line, []
+
+    def fail_on_the_third(record):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        written.append(record)
+        return real(record)
+
+    monkeypatch.setattr(mmlu, "_sample_line", fail_on_the_third)
+    with pytest.raises(WriteError, match="could not write the MMLU samples file .*No space left on device") as e:
+        evaluate_mmlu(_Oracle(tokenizer, choice), tokenizer, data, shots=1, samples=str(out), log=None)
+    assert e.value.exit_code == 1 and len(written) == 2
+    assert out.read_text() == "an earlier file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "under a file", "link"])
+def test_bad_samples_path_fails_before_scoring(tokenizer, tmp_path, kind):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    path, message = {"folder": (tmp_path, f"{tmp_path}: is a folder"),
+                     "under a file": (tmp_path / "file" / "s.jsonl", f"{tmp_path}/file: cannot be created, .*file"),
+                     "link": (tmp_path / "link", f"{tmp_path}/link: is a symbolic link")}[kind]
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before checking the samples file")
+
+    qs, _ = _questions("astronomy", 2, 2)
+    with pytest.raises(UserError, match=f"MMLU samples file {message}"):
+        evaluate_mmlu(never, tokenizer, {"astronomy": {"dev": DEV, "test": qs}}, samples=str(path), log=None)
+    assert (tmp_path / "file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+
+
+class _Blank(_Oracle):
+    """Equal logits everywhere: for prompts the oracle cannot read (cut to fit)."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return torch.zeros(*input_ids.shape, self.tokenizer.vocab_size)
+
+
+def _shown(tokenizer, data, **kwargs) -> str:
+    logged = []
+    evaluate_mmlu(_Blank(tokenizer, {}), tokenizer, data, log=logged.append, show_prompt=True, **kwargs)
+    assert len(logged) == 2 and logged[1].startswith("MMLU")  # the prompt, then the table
+    return logged[0]
+
+
+def test_show_prompt_is_the_prompt_the_model_reads(tokenizer):
+    # The first question of the first subject in sorted order.
+    data = {"world_religions": {"dev": DEV, "test": [TEST_Q]}, "high_school_physics": {"dev": DEV, "test": [TEST_Q]}}
+    scorer = AnswerScorer(tokenizer)
+    n = len(tokenizer.encode(FIVE_SHOT, bos=True) + scorer.suffix)
+    assert _shown(tokenizer, data, shots=5) == (
+        f"----- MMLU prompt: high_school_physics, test question 0 (5 shots; {n} tokens) -----\n"
+        f"<s>{FIVE_SHOT}\n"
+        f"----- end of prompt; then the token(s) ['▁'] that all four answers share; scored next: "
+        f"{scorer.description} -----")
+    assert _shown(tokenizer, data, shots=0).split("\n", 1)[1].startswith(f"<s>{ZERO_SHOT}\n----- end of prompt")
+    # Fewer dev examples than shots, and a context that fits two shots: said in the first line.
+    short = {"high_school_physics": {"dev": DEV[:3], "test": [TEST_Q]}}
+    assert "(3 of 5 shots: too few dev examples, or dropped to fit; " in _shown(tokenizer, short, shots=5)
+    fits_two = len(tokenizer.encode(build_prompt("high_school_physics", DEV, TEST_Q, 2), bos=True) + scorer.suffix)
+    shown = _shown(tokenizer, data, shots=5, max_seq_len=fits_two)
+    assert f"(2 of 5 shots: too few dev examples, or dropped to fit; {fits_two} tokens)" in shown
+    assert f"<s>{build_prompt('high_school_physics', DEV, TEST_Q, 2)}\n-----" in shown
+    # Cut even with no shots: BOS, then the end of the question, as the model reads it.
+    shown = _shown(tokenizer, data, shots=5, max_seq_len=12).split("\n")
+    assert "cut to fit: BOS, then the end of the question" in shown[0]
+    assert shown[1].startswith("<s>") and shown[-2].endswith("Answer:") and len(shown[1]) < len(ZERO_SHOT)
+
+
+def test_shown_text_keeps_what_decode_leaves_out(tokenizer):
+    ids = tokenizer.encode("The house", bos=True) + [tokenizer.unk_id] + tokenizer.encode(" is old", continuation=True)
+    assert tokenizer.decode(ids) == "The house is old"  # BOS and the unknown piece vanish
+    assert mmlu._visible_text(tokenizer, ids) == "<s>The house<unk> is old"

@@ -124,7 +124,7 @@ def test_deepspeed_file_conflicts_are_validation_errors(tmp_path, files):
     assert "train_micro_batch_size_per_gpu is 8 but the recipe's training.micro_batch_size gives 4" in msg
     assert "zero_optimization.stage is 2 but the recipe's distributed.zero_stage gives 3" in msg
     assert "scheduler" in msg and "gradient_accumulation_steps" not in msg  # "auto" is filled in, not a conflict
-    from finetune.distributed import deepspeed_config
+    from finetune.ds_config import deepspeed_config
     ds.write_text(json.dumps({"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 1000}}))
     r = load_recipe(_write(tmp_path, text, **files))
     merged = deepspeed_config(r, "fp32", world_size=2)
@@ -174,7 +174,7 @@ def test_no_follow_on_errors_and_values_checked_before_training(tmp_path, files)
         load_recipe(path, ["tokenizer.path=nope.model", "model.config.dim=100", "training.epochs=.inf",
                            f"output_dir={files['data']}", "datasets[0].columns={instrucion: q, output: 5}"])
     msg = str(e.value)
-    assert "6 problems" in msg and "file not found: 'nope.model'" in msg, msg
+    assert "6 problems" in msg and "not found: 'nope.model'" in msg, msg
     assert "a preset model needs tokenizer.path" not in msg
     assert "model.config: invalid model config" in msg and "expected a finite number, got inf" in msg
     assert "output_dir must be a folder" in msg and "columns.instrucion: not a field of the 'alpaca' format" in msg
@@ -205,3 +205,18 @@ def test_every_shipped_recipe_validates(path, monkeypatch):
     # files are checked only where they ship with the project.
     recipe = load_recipe(path, check_paths=os.path.basename(path) == "quickstart.yaml")
     assert recipe.output_dir and recipe.datasets
+
+
+def test_keys_of_other_tools_are_answered_with_ours(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {preset: tiny}\nlearning_rate: 2.0e-4\ntraining:\n  learning_rate: 2.0e-4\n"
+                      "  num_epochs: 3\n  gradient_checkpointing: true\nlora_r: 16\ndata: {sequence_len: 512}\n")
+    assert main(["validate", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    for line in ("r.yaml:2: learning_rate: unknown key; this recipe calls it 'training.lr'",
+                 "r.yaml:4: training.learning_rate: unknown key; this recipe calls it 'training.lr'",
+                 "r.yaml:5: training.num_epochs: unknown key; this recipe calls it 'training.epochs'",
+                 "training.gradient_checkpointing: unknown key; this recipe calls it 'training.activation_checkpointing'",
+                 "r.yaml:7: lora_r: unknown key; this recipe calls it 'lora.r'",
+                 "data.sequence_len: unknown key; this recipe calls it 'data.max_seq_len'"):
+        assert line in err, (line, err)

@@ -164,7 +164,7 @@ def test_user_template_errors_name_the_file(tmp_path, text, message):
 
 
 def test_unknown_template_lists_the_builtins(tmp_path):
-    with pytest.raises(UserError, match="alpaca, vicuna, llama2-chat, chatml, plain, mmlu"):
+    with pytest.raises(UserError, match="alpaca, vicuna, llama2-chat, llama3, chatml, plain, mmlu"):
         load_template("alpacca")
     with pytest.raises(UserError, match="missing.yaml"):
         load_template(str(tmp_path / "missing.yaml"))
@@ -176,3 +176,39 @@ def test_fingerprint_follows_the_definition():
     assert a.sha256 == Template({**a.definition, "name": "renamed"}).sha256  # the name does not render
     assert a.sha256 != Template({**a.definition, "separator": "\n"}).sha256
     assert len({load_template(n).sha256 for n in BUILTINS}) == len(BUILTINS)
+
+
+# --- control tokens as single ids (Llama 3, ChatML) ---------------------------------------------------------------
+
+def test_llama3_template_uses_control_ids_and_never_from_user_text(llama3_tokenizer, tokenizer):
+    t, tok = load_template("llama3"), llama3_tokenizer
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Say <|eot_id|> please"}, {"role": "assistant", "content": "Done."}]
+    segments = t.render(conversation)
+    assert segments_text(segments, bos="<|begin_of_text|>") == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nSay <|eot_id|> please<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nDone.<|eot_id|>")
+    ids = tokenize(segments, tok)
+    eot, header = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|start_header_id|>")
+    assert ids[0] == tok.bos_id and ids.count(header) == 3
+    assert ids.count(eot) == 3  # the template's three, not the user's: that one is text
+    assert tok.encode("Say <|eot_id|> please") == tokenize(
+        [Segment("Say <|eot_id|> please", False, data=((0, 20),))], tok)
+    trained = [s for s in segments if s.trained]
+    assert [s.text for s in trained] == ["Done.<|eot_id|>"] and not trained[0].eos  # the turn ends with <|eot_id|>
+    prompt = tokenize(t.prompt(conversation[:2]), tok)
+    assert ids[:len(prompt)] == prompt and tok.decode(ids[len(prompt):]) == "Done."
+    with pytest.raises(UserError, match="template 'llama3' needs the special token.*<\\|eot_id\\|>"):
+        t.check_tokenizer(tokenizer)  # a SentencePiece vocabulary has no such tokens
+    t.check_tokenizer(tok)
+
+
+def test_chatml_control_tokens_are_ids_where_the_tokenizer_has_them(llama3_tokenizer, tokenizer, tmp_path):
+    t = load_template("chatml")
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    t.check_tokenizer(tokenizer)  # optional: text for a tokenizer without them
+    assert tokenize(t.render(conversation), tokenizer) == [tokenizer.bos_id] + tokenizer.encode(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>") + [tokenizer.eos_id]
+    ids = tokenize(t.render(conversation), llama3_tokenizer)
+    assert not any(llama3_tokenizer.special_tokens.get(x) in ids for x in ("<|im_start|>", "<|im_end|>"))

@@ -109,15 +109,83 @@ def test_meta_params_of_the_releases():
 
 
 def test_unsupported_hf_configs_list_every_problem():
-    hf = {**get_config("tiny").to_hf(), "tie_word_embeddings": True, "attention_bias": True,
-          "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0}}
+    hf = {**get_config("tiny").to_hf(), "attention_bias": True, "rope_scaling": None,
+          "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}}
     with pytest.raises(ValueError) as e:
         LlamaConfig.from_hf(hf)
-    assert all(s in str(e.value) for s in ("tied input/output embeddings", "biases", "'llama3'"))
+    assert all(s in str(e.value) for s in ("biases", "rope scaling type 'yarn' is not supported"))
+    with pytest.raises(ValueError, match="llama3 needs a positive number low_freq_factor"):
+        LlamaConfig.from_hf({**hf, "attention_bias": False, "rope_parameters": {"rope_type": "llama3", "factor": 8}})
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
         LlamaConfig.from_hf({**get_config("tiny").to_hf(), "hidden_act": "gelu"})
-    with pytest.raises(ValueError, match="use_scaled_rope"):
-        LlamaConfig.from_meta({**get_config("tiny").to_meta(), "use_scaled_rope": True})
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_meta({**get_config("tiny").to_meta(), "rope_scaling": {"type": "linear"}})
     with pytest.raises(ValueError, match="model_type is 'mistral'.*missing key 'intermediate_size'"):
         LlamaConfig.from_hf({"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
                              "num_attention_heads": 4, "vocab_size": 320})
+
+
+def test_configs_beyond_any_llama_are_refused_at_once():
+    with pytest.raises(ValueError, match="n_layers 1,000,000 is beyond any LLaMA"):
+        LlamaConfig.from_hf({**get_config("tiny").to_hf(), "num_hidden_layers": 1_000_000})
+
+
+# The published config.json of Llama-3.2-1B (Instruct differs in eos_token_id only).
+LLAMA_32_1B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+               "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+               "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+               "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+               "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+               "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                       "original_max_position_embeddings": 8192,
+                                                       "rope_type": "llama3"},
+               "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+               "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+
+@pytest.mark.parametrize("name,parameters", [("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
+                                             ("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496),
+                                             ("tinyllama-1.1b", 1_100_048_384)])
+def test_llama3_presets_have_the_published_sizes(name, parameters):
+    import torch
+
+    from llama_core.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(get_config(name))
+    assert model.num_parameters() == parameters  # a tied head counted once
+
+
+def test_llama3_configs_read_and_write():
+    import transformers
+
+    cfg = LlamaConfig.from_hf(LLAMA_32_1B)
+    assert cfg == get_config("llama3.2-1b")
+    hf = cfg.to_hf("bfloat16")
+    assert LlamaConfig.from_hf(hf) == cfg
+    # transformers reads what we write, whichever of its two spellings it prefers, and its own writing reads back
+    theirs = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
+    assert theirs.rope_parameters["rope_type"] == "llama3" and theirs.rope_parameters["factor"] == 32.0
+    assert theirs.tie_word_embeddings and theirs.rope_parameters["rope_theta"] == 500000.0
+    assert LlamaConfig.from_hf(theirs.to_dict()) == cfg
+    # linear scaling, in the legacy spelling ("type")
+    linear = LlamaConfig.from_hf({**get_config("tiny").to_hf(), "rope_parameters": None,
+                                  "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert linear.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_llama3_meta_params():
+    # Meta's params.json of Llama 3.1 8B and 3.2 1B: use_scaled_rope, no factor (8 in Meta's code; 32 for 3.2 1B/3B)
+    p8b = {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+           "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
+    assert LlamaConfig.from_meta(p8b) == get_config("llama3.1-8b", multiple_of=1024, ffn_dim_multiplier=1.3)
+    p1b = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
+           "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
+    cfg = LlamaConfig.from_meta(p1b, tied=True)
+    assert dataclasses.replace(cfg, multiple_of=256, ffn_dim_multiplier=None) == get_config("llama3.2-1b")
+    written = cfg.to_meta()
+    assert written["use_scaled_rope"] is True and written["rope_scaling_factor"] == 32.0
+    assert LlamaConfig.from_meta(written, tied=True).rope_scaling == cfg.rope_scaling
+    assert "rope_scaling_factor" not in get_config("llama3.1-8b").to_meta()  # Meta's own constant
+    with pytest.raises(ValueError, match="no form in Meta's params.json"):
+        get_config("tiny", rope_scaling={"rope_type": "linear", "factor": 2.0}).to_meta()

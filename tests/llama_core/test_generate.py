@@ -153,3 +153,13 @@ def test_invalid_arguments(tiny_model):
                    dict(temperature=-1.0), dict(max_new_tokens=-1)]:
         with pytest.raises(ValueError):
             generate(model, **{"prompts": PROMPTS, "max_new_tokens": 2, **kwargs})
+
+
+def test_several_stop_ids(tiny_model):
+    """A row ends at any of the ids (EOS and end-of-turn tokens such as Llama 3's <|eot_id|>), not returned."""
+    model = tiny_model()
+    prompt = [[1, 5, 9, 17]]
+    free = generate(model, prompt, max_new_tokens=8, eos_id=None)[0]
+    reasons = []
+    cut = generate(model, prompt, max_new_tokens=8, eos_id=[999, free[3]], finish_reasons=reasons)[0]
+    assert cut == free[:free.index(free[3])] and reasons == ["eos"]

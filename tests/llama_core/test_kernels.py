@@ -19,13 +19,6 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    kernels.set_backend("auto")
-    yield
-    kernels.set_backend("auto")
-
-
 def rand(*shape, seed=0, scale=1.0, shift=0.0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale + shift).requires_grad_(requires_grad)
@@ -63,8 +56,8 @@ OPS = ["rms_norm", "rms_norm_frozen_weight", "rotary", "swiglu"]
 @pytest.mark.parametrize("name", OPS)
 def test_fused_op_matches_reference(name, backend):
     fused, reference, inputs = op_case(name)
-    kernels.set_backend(backend)
-    ours, theirs = value_and_grads(fused, inputs), value_and_grads(reference, inputs)
+    with kernels.backend(backend):
+        ours, theirs = value_and_grads(fused, inputs), value_and_grads(reference, inputs)
     assert isinstance(ours[0].grad_fn, torch.autograd.function.BackwardCFunction)  # the fused Function ran
     assert len(ours) == 1 + sum(t.requires_grad for t in inputs)
     assert_all_close(ours, theirs)
@@ -73,9 +66,9 @@ def test_fused_op_matches_reference(name, backend):
 @pytest.mark.parametrize("name", OPS)
 def test_reference_backend_is_exactly_the_reference(name):
     fused, reference, inputs = op_case(name)
-    kernels.set_backend("reference")
-    for a, b in zip(value_and_grads(fused, inputs), value_and_grads(reference, inputs), strict=True):
-        assert torch.equal(a, b)
+    with kernels.backend("reference"):
+        for a, b in zip(value_and_grads(fused, inputs), value_and_grads(reference, inputs), strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -93,7 +86,8 @@ def test_no_grad_paths(name):
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="nope") as error:
-        kernels.set_backend("nope")
+        with kernels.backend("nope"):
+            pass
     assert all(name in str(error.value) for name in ("auto", "torch", "reference"))
     fused, _, inputs = op_case("swiglu")
     assert isinstance(fused(*inputs).grad_fn, torch.autograd.function.BackwardCFunction)  # still "auto"
@@ -113,8 +107,8 @@ def test_linear_cross_entropy(chunk_size, need_h, need_w):
     assert loss.requires_grad == bool(wrt)
     if wrt:
         assert_all_close(torch.autograd.grad(2.5 * loss, wrt), torch.autograd.grad(2.5 * ref, wrt))
-        kernels.set_backend("reference")
-        again = kernels.linear_cross_entropy(h, weight, targets, chunk_size)
+        with kernels.backend("reference"):
+            again = kernels.linear_cross_entropy(h, weight, targets, chunk_size)
         assert torch.equal(again, ref) and again.grad_fn.name() == ref.grad_fn.name()
 
 
@@ -212,10 +206,10 @@ def batch(B=2, T=12, vocab=320, seed=0):
 
 
 def loss_and_grads(model, backend, ids, labels):
-    kernels.set_backend(backend)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    loss = model(ids, labels=labels)
-    grads = torch.autograd.grad(2.5 * loss, [p for _, p in named])
+    with kernels.backend(backend):
+        loss = model(ids, labels=labels)
+        grads = torch.autograd.grad(2.5 * loss, [p for _, p in named])
     return loss.detach(), dict(zip([n for n, _ in named], grads))
 
 
@@ -284,9 +278,8 @@ def activation_bytes(model, ids, labels):
 def test_fused_ops_save_less(tiny_model, monkeypatch):
     model = tiny_model().train()
     ids, labels = batch(T=64)
-    kernels.set_backend("reference")
-    reference, ref_loss = activation_bytes(model, ids, labels)
-    kernels.set_backend("auto")
+    with kernels.backend("reference"):
+        reference, ref_loss = activation_bytes(model, ids, labels)
     fused, loss = activation_bytes(model, ids, labels)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     assert fused < 0.7 * reference
@@ -306,16 +299,40 @@ def uses_bmm(fn, *args):
     return out, torch.ops.aten.bmm.default in made.ops
 
 
-@pytest.mark.parametrize("shape", [(1, 32), (3, 32), (16, 32), (17, 32), (2, 3, 32), (2, 9, 32)])
-def test_small_row_linear(shape):
-    threads = torch.get_num_threads()
-    x, weight = rand(*shape), rand(6 * threads, 32, seed=1)
-    out, fast = uses_bmm(kernels.linear, x, weight)
-    ref = F.linear(x, weight)
+@pytest.mark.parametrize("shape", [(1, 32), (3, 32), (16, 32), (2, 3, 32), (2, 4, 32)])
+def test_batched_small_row_linear_is_f_linear(shape):
+    x, weight = rand(*shape), rand(12, 32, seed=1)
+    out, ref = kernels.batched_linear(x, weight, 2), F.linear(x, weight)
     torch.testing.assert_close(out, ref, **TOL)
-    assert fast == (threads >= 2 and x.numel() // 32 <= 16)
     upstream = rand(*ref.shape, seed=2, requires_grad=False)
     assert_all_close(torch.autograd.grad(out, [x, weight], upstream), torch.autograd.grad(ref, [x, weight], upstream))
+
+
+@pytest.mark.parametrize("batched_wins", [True, False])
+def test_small_row_linear_takes_what_this_cpu_measured_faster(monkeypatch, batched_wins):
+    """The choice is measured on the machine, once per shape: the batched product only where it is faster."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("one thread: the batched product is never used")
+    measured = []
+
+    def timing(fn):  # the batched product's lambda is the second one timed in each round
+        measured.append(fn)
+        slow, fast = 1.0, 0.5
+        return (fast if batched_wins else slow) if len(measured) % 2 == 0 else (slow if batched_wins else fast)
+
+    monkeypatch.setattr(kernels, "_time_call", timing)
+    monkeypatch.setattr(kernels, "_linear_choice", {})
+    x, weight = rand(3, 32), rand(6 * threads, 32, seed=1)
+    torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight), **TOL)
+    assert len(measured) == 10  # the first call measures: 5 alternating rounds
+    out, fast = uses_bmm(kernels.linear, x, weight)
+    assert fast == batched_wins and len(measured) == 10  # measured once per shape
+    torch.testing.assert_close(out, F.linear(x, weight), **TOL)
+    uses_bmm(kernels.linear, rand(4, 32), weight)
+    assert len(measured) == 20  # another row count is another shape
+    out, fast = uses_bmm(kernels.linear, rand(17, 32), weight)
+    assert not fast and len(measured) == 20  # many rows: F.linear, nothing to measure
 
 
 def test_small_row_linear_fallbacks():
@@ -334,6 +351,6 @@ def test_small_row_linear_fallbacks():
         torch.set_num_threads(threads)
     assert not fast
     torch.testing.assert_close(out, F.linear(x, weight), **TOL)
-    kernels.set_backend("reference")
-    out, fast = uses_bmm(kernels.linear, x, weight)
+    with kernels.backend("reference"):
+        out, fast = uses_bmm(kernels.linear, x, weight)
     assert not fast and torch.equal(out, F.linear(x, weight))

@@ -30,12 +30,19 @@ def grads(model) -> dict[str, torch.Tensor]:
     ("tiny", {}), ("tiny-gqa", {}),
     ("tiny", {"rope_theta": 1e6, "norm_eps": 1e-5}),  # Llama-2 style settings: a wrong theta would show here
     ("tiny", {"dim": 40, "n_heads": 4, "hidden_dim": 77}),  # head_dim 10, odd FFN size
-], ids=["tiny", "tiny-gqa", "theta-1e6", "head-dim-10"])
+    # Llama 3.2's layout: tied head, GQA, llama3 rope scaling whose original context (16) the 40 positions exceed,
+    # so that scaled, smoothed and kept frequencies all take part.
+    ("tiny-gqa", {"tie_word_embeddings": True, "rope_theta": 5e5, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    ("tiny", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+], ids=["tiny", "tiny-gqa", "theta-1e6", "head-dim-10", "llama3.2-layout", "linear-rope"])
 def test_parity_with_transformers(tiny_model, hf_twin, preset, overrides):
     model = tiny_model(preset, **overrides)
     twin = hf_twin(model)
     assert twin.config._attn_implementation == "sdpa"
-    ids, labels = batch()
+    assert (twin.lm_head.weight is twin.model.embed_tokens.weight) == model.config.tie_word_embeddings
+    ids, labels = batch(T=40 if model.config.rope_scaling else 12)
     with torch.no_grad():
         assert max_diff(model(ids), twin(ids).logits) <= TOL
     loss, twin_loss = model(ids, labels=labels), twin(ids, labels=labels).loss
@@ -43,7 +50,8 @@ def test_parity_with_transformers(tiny_model, hf_twin, preset, overrides):
     loss.backward()
     twin_loss.backward()
     ours, theirs = grads(model), grads(twin)
-    assert ours.keys() == theirs.keys() and len(ours) == 3 + 9 * model.config.n_layers
+    tied = model.config.tie_word_embeddings
+    assert ours.keys() == theirs.keys() and len(ours) == 3 - tied + 9 * model.config.n_layers
     assert all(max_diff(ours[n], theirs[n]) <= TOL for n in ours)
 
 

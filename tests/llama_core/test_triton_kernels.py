@@ -15,7 +15,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton decorates its own library at import, so the interpreter must be on before anything imports it: on CPU
 # the kernel tests run in a child pytest process started with TRITON_INTERPRET=1.
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not IN_INTERPRETER, reason="run in the interpreter's process")
+
+
+def needs_kernels(test):
+    """A kernel test: on the GPU (marked gpu: bench/gpu_check.sh selects it), or in the interpreter's process."""
+    skip = pytest.mark.skipif(DEVICE == "cpu" and not IN_INTERPRETER, reason="run in the interpreter's process")
+    return pytest.mark.gpu(skip(test))
 
 
 @pytest.mark.skipif(DEVICE == "cuda" or IN_INTERPRETER, reason="the kernels run directly")
@@ -30,11 +35,8 @@ def test_kernels_in_triton_interpreter():
 @pytest.fixture
 def tk():
     """The fused ops with every one forced through Triton (interpreted on CPU)."""
-    kernels.set_backend("triton")
-    try:
+    with kernels.backend("triton"):
         yield kernels
-    finally:
-        kernels.set_backend("auto")
 
 
 def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -120,12 +122,9 @@ def test_model_parity(dtype):
     ids = torch.randint(0, model.config.vocab_size, (2, 16), device=DEVICE)
     results = {}
     for backend in ("triton", "reference"):
-        kernels.set_backend(backend)
-        try:
-            model.zero_grad(set_to_none=True)
-            loss = model(ids, labels=ids)
-            loss.backward()
-            results[backend] = [loss.detach()] + [p.grad for p in model.parameters()]
-        finally:
-            kernels.set_backend("auto")
+        model.kernels = backend  # the model's own setting, as finetune's build sets it
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids)
+        loss.backward()
+        results[backend] = [loss.detach()] + [p.grad for p in model.parameters()]
     assert_all_close(results["triton"], results["reference"], dtype)

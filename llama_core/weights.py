@@ -7,10 +7,10 @@ API; Meta's names, its model-parallel split and its interleaved rotary layout on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +21,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LlamaConfig
+from .files import AtomicFolder, OutputError
 from .model import Transformer
 
 HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-HF_GENERATION, GENERATION_CONFIG = "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2}
+HF_GENERATION = "generation_config.json"
 META_PARAMS = "params.json"
 _META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _IGNORED = re.compile(r"(^|\.)(rotary_emb\.(original_)?inv_freq|rope\.freqs)$")  # stale buffers of old saves
@@ -93,9 +94,21 @@ def parse_size(size: int | str) -> int:
                               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit])
 
 
+JSON_LIMIT = 64 << 20  # config.json, params.json, an index: far smaller than this
+
+
 def _read_json(file: Path) -> dict:
+    """A small JSON object of a checkpoint folder: a regular file, bounded in size and nesting."""
     try:
-        data = json.loads(file.read_text())
+        if not file.is_file():
+            raise CheckpointError(f"{file}: not a regular file")
+        with open(file, "rb") as f:
+            raw = f.read(JSON_LIMIT + 1)
+        if len(raw) > JSON_LIMIT:
+            raise CheckpointError(f"{file}: larger than {JSON_LIMIT >> 20} MB; not a checkpoint's JSON file")
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{file}: cannot read JSON (nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
     if not isinstance(data, dict):
@@ -111,19 +124,26 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
         except RuntimeError as e:
             if "zipfile" not in str(e).lower():
                 raise
-            try:  # perhaps the legacy (pre-zip) format, which cannot be memory-mapped
-                sd = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - not that either: report the first error
-                raise e from None
+            # The legacy (pre-zip) format cannot be memory-mapped: load it whole; its own error is the one to report.
+            sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, OSError ...
-        if "Weights only load failed" in str(e):
-            detail = re.search(r"Unsupported global: [^\n.]*(\.[^\s.]+)*", str(e))
-            raise CheckpointError(f"{file}: refusing to unpickle objects other than tensors "
-                                  f"({detail[0] if detail else 'torch.load weights_only=True failed'})") from None
-        raise CheckpointError(f"{file}: cannot load ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        raise CheckpointError(f"{file}: {_load_failure(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise CheckpointError(f"{file}: not a state dict (a dict of tensor names to tensors)")
     return sd
+
+
+def _load_failure(e: Exception) -> str:
+    """What went wrong in torch.load, in one line. torch's advice to load with weights_only=False is left out on
+    purpose: that would run whatever code the file holds."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        if glob := re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", text):
+            return (f"refusing to unpickle objects other than tensors (it needs {glob[1]}); a checkpoint must "
+                    f"never run code")
+        return "not a readable torch checkpoint (its pickle holds something other than tensors, or is damaged)"
+    first = next((line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line), "")
+    return f"cannot load ({type(e).__name__}: {first[:200]})" if first else f"cannot load ({type(e).__name__})"
 
 
 def _meta_shard_files(path: Path) -> list[Path]:
@@ -166,17 +186,28 @@ def load_config(path: str | os.PathLike, format: str = "auto") -> LlamaConfig:
     try:
         if format == "hf":
             return LlamaConfig.from_hf(params)
-        vocab_size = None
-        if params.get("vocab_size", -1) <= 0:  # the original releases store -1: read it off the embedding
-            shard0 = _meta_shard_files(path)[0]
-            if "tok_embeddings.weight" not in (sd := _torch_load(shard0)):
-                raise CheckpointError(f"{shard0}: tensor 'tok_embeddings.weight' not found")
-            vocab_size = sd["tok_embeddings.weight"].shape[0]
-        return LlamaConfig.from_meta(params, vocab_size=vocab_size)
+        files = _meta_shard_files(path)
+        shards = [_torch_load(f) for f in files]  # memory-mapped
+        if "tok_embeddings.weight" not in shards[0]:
+            raise CheckpointError(f"{files[0]}: tensor 'tok_embeddings.weight' not found")
+        # The original releases store vocab_size -1: it is read off the embedding (split along dim 1).
+        vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
+        return LlamaConfig.from_meta(params, vocab_size=vocab_size, tied=_meta_tied(shards))
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def _meta_tied(shards: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether a Meta checkpoint's output matrix is its embedding: absent, or equal to it (Meta's layout always has
+    a separate `output`; this project writes the embedding there for a tied model)."""
+    if "output.weight" not in shards[0]:
+        return True
+    output = torch.cat([sd["output.weight"] for sd in shards], 0) if len(shards) > 1 else shards[0]["output.weight"]
+    embedding = (torch.cat([sd["tok_embeddings.weight"] for sd in shards], 1) if len(shards) > 1
+                 else shards[0]["tok_embeddings.weight"])
+    return output.shape == embedding.shape and torch.equal(output, embedding)
 
 
 def _hf_files(path: Path) -> list[tuple[Path, list[str] | None]]:
@@ -242,11 +273,34 @@ def _meta_tensors(files: list[Path], shards: list[dict[str, torch.Tensor]],
 def _iter_tensors(path, format, config) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(name, tensor, file); the files are found and opened here, before the first tensor is asked for."""
     path = Path(path)
-    if _resolve_format(path, format) == "hf":
-        return _hf_tensors(_hf_files(path))
+    format = _resolve_format(path, format)
+    config = config or load_config(path, format)
+    if format == "hf":
+        return _without_tied_head(_hf_tensors(_hf_files(path)), config, path)
     files = _meta_shard_files(path)
     shards = [_torch_load(f) for f in files]  # memory-mapped: nothing is read until a tensor is used
-    return _meta_tensors(files, shards, config or load_config(path, "meta"))
+    return _without_tied_head(_meta_tensors(files, shards, config), config, path)
+
+
+def _without_tied_head(tensors, config: LlamaConfig, path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """For a tied config, the stream without `lm_head.weight` (the embedding is the head), refusing a head that
+    differs from the embedding: tying them would silently change the model."""
+    if not config.tie_word_embeddings:
+        yield from tensors
+        return
+    embedding = head = None
+    for name, tensor, file in tensors:
+        if name == "lm_head.weight":
+            head = (tensor, file)
+            continue
+        if name == "model.embed_tokens.weight":
+            embedding = tensor
+        yield name, tensor, file
+    if head is not None and embedding is not None and not (
+            head[0].shape == embedding.shape and torch.equal(head[0], embedding)):
+        raise CheckpointError(f"{path}: the config ties the output head to the embedding (tie_word_embeddings), but "
+                              f"{head[1].name} holds a different lm_head.weight; set tie_word_embeddings to false in "
+                              f"the config to load both matrices")
 
 
 def iter_checkpoint_tensors(path: str | os.PathLike, format: str = "auto", *,
@@ -260,12 +314,38 @@ def iter_checkpoint_tensors(path: str | os.PathLike, format: str = "auto", *,
     return ((name, tensor) for name, tensor, _ in _iter_tensors(path, format, config) if not _IGNORED.search(name))
 
 
+def load_into(params: Mapping[str, torch.Tensor], tensors: Iterator[tuple[str, torch.Tensor, object]], where,
+              assign=None, shape_of=lambda p: p.shape) -> None:
+    """Copy checkpoint tensors (name, tensor, file) into `params` (name -> tensor of the model), checking every
+    name and shape; every missing, duplicate, unexpected or misshapen tensor is reported at once. `assign(name,
+    tensor)` does the copy (default: in place); `shape_of(param)` gives a parameter's full shape (DeepSpeed ZeRO-3
+    keeps only a placeholder in `param.shape`). The one checked loader of single-device and DeepSpeed runs."""
+    assign = assign or (lambda name, tensor: params[name].copy_(tensor))
+    seen, problems = set(), []
+    with torch.no_grad():
+        for name, tensor, file in tensors:
+            if _IGNORED.search(name):
+                continue
+            if name not in params or name in seen:
+                problems.append(f"{'unexpected' if name not in params else 'duplicate'} tensor {name!r} in {file}")
+            elif tuple(tensor.shape) != tuple(shape_of(params[name])):
+                problems.append(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
+                                f"the model expects {tuple(shape_of(params[name]))}")
+            else:
+                assign(name, tensor)
+            seen.add(name)
+    if missing := [n for n in params if n not in seen]:
+        problems.insert(0, f"missing tensor(s): {', '.join(missing)}")
+    if problems:
+        raise CheckpointError(f"{where}: checkpoint does not match the model config: " + "; ".join(problems))
+
+
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device="cpu",
                format: str = "auto", config: LlamaConfig | None = None) -> Transformer:
     """A Transformer with the checkpoint's weights, in eval mode (call .train() to train).
 
     The model is built on the meta device and allocated once, directly in `dtype` on `device`; the checkpoint
-    is streamed into it tensor by tensor. Every missing, unexpected or misshapen tensor is reported at once.
+    is streamed into it tensor by tensor (`load_into`).
     """
     path, dtype = Path(path), resolve_dtype(dtype) or torch.float32
     format = _resolve_format(path, format)
@@ -274,94 +354,83 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.floa
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
     model.to_empty(device=device)
-    params, seen, problems = model.state_dict(), set(), []
-    with torch.no_grad():
-        for name, tensor, file in tensors:
-            if _IGNORED.search(name):
-                continue
-            if name not in params or name in seen:
-                problems.append(f"{'unexpected' if name not in params else 'duplicate'} tensor {name!r} in {file}")
-            elif tensor.shape != params[name].shape:
-                problems.append(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
-                                f"the model expects {tuple(params[name].shape)}")
-            else:
-                params[name].copy_(tensor)
-            seen.add(name)
-    if missing := [n for n in params if n not in seen]:
-        problems.insert(0, f"missing tensor(s): {', '.join(missing)}")
-    if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match the model config: " + "; ".join(problems))
+    model.tie_weights()
+    expected = expected_tensors(config)
+    load_into({k: v for k, v in model.state_dict().items() if k in expected}, tensors, path)
     return model.eval()
 
 
 # --- writing ---
 
-def _state_dict(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig,
-                out_dir: Path) -> dict[str, torch.Tensor]:
-    """The tensors to save, checked against `config` (names and shapes), in the model's order."""
-    sd = source.state_dict() if isinstance(source, nn.Module) else dict(source)
-    sd = {k: v for k, v in sd.items() if not _IGNORED.search(k)}
+class TensorSource:
+    """The tensors to save, one at a time: `specs` names each with its full shape and dtype, in saving order;
+    `get(name)` returns it on CPU, or None in a process that does not write (DeepSpeed ranks other than 0, which
+    must still take part in gathering each parameter, in the same order)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.tensors[name].detach().cpu()
+
+
+def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of `config` holds, in the model's order (a tied model has no
+    lm_head.weight: its head is the embedding, as transformers saves it)."""
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
-    problems = [f"unexpected tensor {k!r}" for k in sd if k not in expected]
-    if missing := [k for k in expected if k not in sd]:
+        shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    return shapes
+
+
+def _source(source: nn.Module | Mapping[str, torch.Tensor] | TensorSource, config: LlamaConfig,
+            out_dir: Path) -> tuple[TensorSource, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """The tensors to save and their specs in the model's order, checked against `config` (names and shapes)."""
+    if not isinstance(source, TensorSource):
+        sd = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+        if config.tie_word_embeddings and "lm_head.weight" in sd:  # the same matrix (a model's state_dict has both)
+            head, embedding = sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")
+            if embedding is None or not (head is embedding or torch.equal(head, embedding)):
+                raise CheckpointError(f"{out_dir}: cannot save, the config ties the head to the embedding but "
+                                      f"lm_head.weight differs from model.embed_tokens.weight")
+        source = TensorSource({k: v for k, v in sd.items() if not _IGNORED.search(k)})
+    specs, expected = source.specs(), expected_tensors(config)
+    problems = [f"unexpected tensor {k!r}" for k in specs if k not in expected]
+    if missing := [k for k in expected if k not in specs]:
         problems.insert(0, f"missing tensor(s): {', '.join(missing)}")
-    problems += [f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config expects {tuple(s)}"
-                 for k, s in expected.items() if k in sd and sd[k].shape != s]
+    problems += [f"tensor {k!r} has shape {specs[k][0]}, the config expects {s}"
+                 for k, s in expected.items() if k in specs and specs[k][0] != s]
     if problems:
         raise CheckpointError(f"{out_dir}: cannot save, the weights do not match the config: " + "; ".join(problems))
-    return {k: sd[k] for k in expected}
+    return source, {k: specs[k] for k in expected}
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether a folder holds a checkpoint in either layout (the only kind of folder a save may replace)."""
+    try:
+        detect_format(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 @contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """A temporary directory next to `out_dir` that replaces it only once the body has completed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        try:
-            detect_format(out_dir)
-        except CheckpointError:  # never wipe a directory that holds something else
-            raise CheckpointError(f"{out_dir}: exists, is not empty and is not a checkpoint; refusing to replace "
-                                  f"it") from None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out_dir.with_name(f".{out_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                for kind in ("tmp", "old"))
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the checkpoint
+def _atomic_dir(out_dir: str | os.PathLike, write: bool = True) -> Iterator[Path | None]:
+    """A temporary folder next to `out_dir` that replaces it only once the body has completed (a previous
+    checkpoint there is replaced; any other non-empty folder is refused). Yields None where `write` is false."""
+    if not write:
+        yield None
+        return
     try:
+        folder = AtomicFolder(out_dir, replaceable=is_checkpoint, what="a checkpoint")
+    except OutputError as e:
+        raise CheckpointError(str(e)) from None
+    with folder as tmp:
         yield tmp
-        make_durable(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)  # POSIX cannot swap two directories in one step; this is the nearest
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def make_durable(folder: str | os.PathLike) -> None:
-    """fsync every file under `folder` and the folder, so that a rename after this publishes complete files; and
-    give the files the permissions of any file the user creates (safetensors writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, _, names in os.walk(folder):
-        for name in names:
-            file = os.path.join(root, name)
-            os.chmod(file, 0o666 & ~umask)
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_extra(tmp: Path, extra_files: Mapping[str, str | os.PathLike | bytes] | None) -> None:
@@ -372,50 +441,79 @@ def _write_extra(tmp: Path, extra_files: Mapping[str, str | os.PathLike | bytes]
             shutil.copyfile(source, tmp / name)
 
 
-def save_hf(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig, out_dir: str | os.PathLike, *,
-            dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
-            extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+def _shards(nbytes: dict[str, int], limit: int) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names) of each safetensors file: greedy, in order, as transformers does; a tensor larger
+    than the limit gets its own file."""
+    shards, size = [[]], 0
+    for name, n in nbytes.items():
+        if shards[-1] and size + n > limit:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += n
+    if len(shards) == 1:
+        return [(HF_SINGLE, shards[0])]
+    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", names) for i, names in enumerate(shards)]
+
+
+def save_hf(source: nn.Module | Mapping[str, torch.Tensor] | TensorSource, config: LlamaConfig,
+            out_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
+            extra_files: Mapping[str, str | os.PathLike | bytes] | None = None, write: bool = True) -> Path:
     """Write a Hugging Face checkpoint: config.json, generation_config.json and model.safetensors, or
     model-0000i-of-0000N.safetensors + model.safetensors.index.json beyond `max_shard_size` bytes per file.
 
     dtype: None keeps each tensor's dtype. extra_files: {name in out_dir: source path to copy, or bytes}.
-    The directory appears (or replaces a previous checkpoint) only when complete.
+    The folder appears (or replaces a previous checkpoint) only when complete and read back: every tensor the
+    config implies, with its shape (`verify_saved`). `write=False`: only take part in fetching the tensors
+    (a DeepSpeed rank other than 0).
     """
     out_dir, dtype, limit = Path(out_dir), resolve_dtype(dtype), parse_size(max_shard_size)
-    sd = _state_dict(source, config, out_dir)
-    nbytes = {k: v.numel() * (dtype or v.dtype).itemsize for k, v in sd.items()}
-    shards, size = [[]], 0
-    for name in sd:  # greedy, in order, as transformers does; a tensor larger than the limit gets its own file
-        if shards[-1] and size + nbytes[name] > limit:
-            shards, size = shards + [[]], 0
-        shards[-1].append(name)
-        size += nbytes[name]
-    files = [HF_SINGLE] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with _atomic_dir(out_dir) as tmp:
-        for file, names in zip(files, shards):
-            tensors = {k: sd[k].detach().to("cpu", dtype or sd[k].dtype).contiguous() for k in names}
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
+    source, specs = _source(source, config, out_dir)
+    nbytes = {k: math.prod(shape) * (dtype or dt).itemsize for k, (shape, dt) in specs.items()}
+    files = _shards(nbytes, limit)
+    with _atomic_dir(out_dir, write) as tmp:
+        for file, names in files:
+            tensors = {}
+            for name in names:
+                tensor = source.get(name)
+                if tmp is not None:
+                    tensors[name] = tensor.to(dtype or tensor.dtype).contiguous()
+            if tmp is not None:
+                save_file(tensors, tmp / file, metadata={"format": "pt"})
             del tensors
+        if tmp is None:
+            return out_dir
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(nbytes.values())},
-                     "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
+                     "weight_map": {k: file for file, names in files for k in names}}
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        hf = config.to_hf(str(dtype or sd["model.embed_tokens.weight"].dtype).removeprefix("torch."))
-        (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-        (tmp / HF_GENERATION).write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+        stored = dtype or specs["model.embed_tokens.weight"][1]
+        (tmp / HF_CONFIG).write_text(json.dumps(config.to_hf(str(stored).removeprefix("torch.")), indent=2) + "\n")
+        (tmp / HF_GENERATION).write_text(json.dumps(generation_config(config), indent=2) + "\n")
         _write_extra(tmp, extra_files)
+        verify_saved(tmp, config)
     return out_dir
 
 
-def _meta_params(config: LlamaConfig) -> dict:
-    try:
-        return config.to_meta()
-    except ValueError:  # from config.json, multiple_of is unknown: choose values giving the same hidden_dim
-        base = int(2 * (4 * config.dim) / 3)
-        return config.replace(multiple_of=config.hidden_dim, hidden_dim=config.hidden_dim,
-                              ffn_dim_multiplier=config.hidden_dim / base if config.hidden_dim < base else None
-                              ).to_meta()
+def generation_config(config: LlamaConfig) -> dict:
+    """generation_config.json: the ids generation starts and stops with."""
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+
+
+def verify_saved(path: str | os.PathLike, config: LlamaConfig) -> None:
+    """Read a written checkpoint's headers back: every tensor the config implies, with its shape, none extra.
+    (Tools have shipped empty files from ZeRO-3, saving partitioned placeholders: such a save fails here.)"""
+    found = {}
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, file), "pt") as f:
+            for name in f.keys():
+                found[name] = tuple(f.get_slice(name).get_shape())
+    expected = expected_tensors(config)
+    problems = [f"missing {n}" for n in expected if n not in found]
+    problems += [f"unexpected {n}" for n in found if n not in expected]
+    problems += [f"{n} has shape {found[n]}, expected {s}" for n, s in expected.items() if n in found and found[n] != s]
+    if problems:
+        raise CheckpointError(f"the checkpoint written to {path} is wrong, refusing to use it: "
+                              + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
 
 
 def save_meta(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfig, out_dir: str | os.PathLike, *,
@@ -425,19 +523,22 @@ def save_meta(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfi
     model parallelism as fairscale's Parallel{Embedding,Column,Row} layers hold it, q/k in Meta's rotary layout.
     """
     out_dir, dtype = Path(out_dir), resolve_dtype(dtype)
-    sd = _state_dict(source, config, out_dir)
+    source, specs = _source(source, config, out_dir)
+    sd = {name: source.get(name) for name in specs}
+    if config.tie_word_embeddings:  # Meta's layout always has an output matrix: the embedding, written again
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     sizes = {"dim": config.dim, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
              "hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
     if not isinstance(num_shards, int) or num_shards < 1 or any(v % num_shards for v in sizes.values()):
         raise ValueError(f"num_shards must be a positive integer dividing each of "
                          f"{', '.join(f'{k} ({v})' for k, v in sizes.items())}; got {num_shards!r}")
-    params, names = _meta_params(config), meta_names(config.n_layers)
+    params, names = config.to_meta(), meta_names(config.n_layers)
     with _atomic_dir(out_dir) as tmp:
         for shard in range(num_shards):  # one shard's slices in memory at a time
             tensors = {}
             for name, w in sd.items():
                 meta, dim = names[name]
-                w = w.detach().to("cpu", dtype or w.dtype)
+                w = w.to(dtype or w.dtype)
                 if (heads := _rotary_heads(name, config)) is not None:
                     w = permute_hf_to_meta(w, heads)
                 # clone: torch.save writes a view's whole storage

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -10,8 +11,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llama_core import checkpoint as ck
-from llama_core.checkpoint import CheckpointError, convert, load_config, load_model, save_hf, save_meta
+from llama_core import weights as ck
+from llama_core.weights import CheckpointError, convert, load_config, load_model, save_hf, save_meta
 from llama_core.config import LlamaConfig, get_config
 
 IDS = torch.tensor([[1, 17, 250, 3, 99, 42, 7, 300, 5, 64, 128]])
@@ -306,16 +307,18 @@ def test_pickle_with_code_is_refused(tiny_model, tmp_path, monkeypatch):
     shard = tmp_path / "meta" / "consolidated.01.pth"
     tensors = torch.load(shard, weights_only=True)
     for obj, culprit in ((Payload(), "getattr"), (Opaque(), "Opaque")):
-        torch.save({**tensors, "extra": obj}, shard)
-        with pytest.raises(CheckpointError, match=f"{shard}: refusing to unpickle objects other than tensors "
-                                                  f"\\(Unsupported global: GLOBAL .*{culprit}"):
-            load_model(tmp_path / "meta")
+        for legacy in (False, True):  # the legacy (pre-zip) format is not blamed on memory mapping
+            torch.save({**tensors, "extra": obj}, shard, _use_new_zipfile_serialization=not legacy)
+            with pytest.raises(CheckpointError, match=f"{shard}: refusing to unpickle objects other than tensors "
+                                                      f"\\(it needs .*{culprit}\\)") as e:
+                load_model(tmp_path / "meta")
+            assert "mmap" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is not ours
     assert not marker.exists()
     torch.save([1, 2], shard)
     with pytest.raises(CheckpointError, match=f"{shard}: not a state dict"):
         load_model(tmp_path / "meta")
     shard.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match=f"{shard}: cannot load"):
+    with pytest.raises(CheckpointError, match=f"{shard}: (cannot load|not a readable torch checkpoint)"):
         load_model(tmp_path / "meta")
 
 
@@ -386,3 +389,83 @@ def test_invalid_config_file(tmp_path, tiny_model):
     with pytest.raises(CheckpointError, match="config.json: cannot read JSON"):
         load_config(tmp_path / "ckpt")
     assert get_config("tiny") == model.config
+
+
+# --- Llama 3.x layouts: tied head, scaled rotary embeddings ---
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+LONG_IDS = torch.randint(3, 320, (1, 48), generator=torch.Generator().manual_seed(5))
+
+
+def llama32_like(tiny_model):
+    return tiny_model("tiny-gqa", tie_word_embeddings=True, rope_theta=5e5, rope_scaling=dict(LLAMA3_ROPE),
+                      bos_token_id=300, eos_token_id=[301, 302])
+
+
+def test_tied_model_saves_without_a_head_and_loads_both_ways(tiny_model, hf_twin, tmp_path):
+    model = llama32_like(tiny_model)
+    save_hf(model, model.config, tmp_path / "ours")
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["rope_scaling"]["rope_type"] == "llama3"
+    assert json.loads((tmp_path / "ours" / "generation_config.json").read_text()) == {
+        "bos_token_id": 300, "eos_token_id": [301, 302]}
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    loaded = load_model(tmp_path / "ours")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert dataclasses.replace(loaded.config, multiple_of=16) == model.config  # config.json has no multiple_of
+    with torch.no_grad():
+        expected = model(LONG_IDS)  # 48 positions: beyond the original context of 16, the scaling matters
+        assert (theirs(LONG_IDS).logits - expected).abs().max() <= 1e-5
+        assert (loaded(LONG_IDS) - expected).abs().max() == 0
+    hf_twin(model).save_pretrained(tmp_path / "hf")  # what transformers writes (no lm_head.weight either)
+    assert same_state(load_model(tmp_path / "hf").state_dict(), model.state_dict())
+
+
+def test_tied_config_with_a_different_head_is_refused(tiny_model, tmp_path):
+    model = tiny_model("tiny")
+    save_hf(model, model.config, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match="ties the output head .* different lm_head.weight"):
+        load_model(tmp_path / "ckpt")
+    sd = model.state_dict()
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()  # equal: a tied model saved with both
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "ckpt" / "model.safetensors")
+    assert load_model(tmp_path / "ckpt").lm_head.weight is not None
+
+
+def test_tied_meta_round_trip(tiny_model, tmp_path):
+    """Meta's layout always has an output matrix: a tied model writes its embedding there, and a checkpoint whose
+    output equals its embedding (or has none) reads back tied; scaled rope goes to params.json as use_scaled_rope."""
+    model = tiny_model("tiny-gqa", tie_word_embeddings=True, rope_theta=5e5, bos_token_id=128000,
+                       eos_token_id=128001, vocab_size=128256, dim=32, n_heads=4, n_kv_heads=2,
+                       rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 8192})
+    save_meta(model, model.config, tmp_path / "meta", num_shards=2)
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and params["rope_scaling_factor"] == 32.0
+    shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    assert "output.weight" in shard
+    back = load_model(tmp_path / "meta")
+    assert back.config.tie_word_embeddings and back.lm_head.weight is back.model.embed_tokens.weight
+    assert back.config.rope_scaling == model.config.rope_scaling
+    assert (back.config.bos_token_id, back.config.eos_token_id) == (128000, 128001)  # Llama 3's vocabulary
+    assert same_state(back.state_dict(), model.state_dict())
+    convert(tmp_path / "meta", tmp_path / "hf", to="hf")
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+
+
+def test_config_json_is_read_with_bounds(tiny_model, tmp_path):
+    model = tiny_model()
+    save_hf(model, model.config, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="config.json: cannot read JSON \\(nested too deeply\\)"):
+        load_config(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()
+    (tmp_path / "ckpt" / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match="config.json: not a regular file"):
+        load_config(tmp_path / "ckpt", format="hf")

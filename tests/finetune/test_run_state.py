@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from finetune.checkpoints import CheckpointWriteError, checkpoint_dirs, load_trainer_state, save_checkpoint
+from finetune.run_state import CheckpointWriteError, checkpoint_dirs, load_trainer_state, save_checkpoint
 
 
 def _write(path):

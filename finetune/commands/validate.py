@@ -1,0 +1,26 @@
+"""`finetune validate --recipe R.yaml [key=value ...]`: check a recipe, report every problem, do nothing else."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_recipe_args, parser
+
+
+def main(argv: list[str]) -> int:
+    p = parser("finetune validate", "Check a recipe and report every problem.")
+    add_recipe_args(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe")
+    p.add_argument("--overwrite", action="store_true", help="as for training: output_dir may be any folder")
+    args = p.parse_args(argv)
+    from ..outputs import check_outputs
+    from ..plan import check_recipe_memory
+    from ..recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides + (["overwrite=true"] if args.overwrite else []))
+    if args.print_config:
+        print(dump_recipe(recipe), end="")
+    check_outputs(recipe)  # what training checks before any work: where it writes, and whether the model fits
+    if warning := check_recipe_memory(recipe):
+        print(warning, file=sys.stderr)
+    print(f"{args.recipe}: ok")
+    return 0
