@@ -14,7 +14,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from finetune.errors import UserError
-from finetune.gguf_export import LLAMA3_SPLIT, hf_chat_template, permute_qk, write_gguf
+from finetune.gguf_export import permute_qk, write_gguf
+from finetune.gguf_vocab import LLAMA3_SPLIT, hf_chat_template
 from llama_core.config import get_config
 from llama_core.generate import generate
 from llama_core.model import Transformer
