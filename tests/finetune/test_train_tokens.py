@@ -13,6 +13,7 @@ import random
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
 
@@ -44,6 +45,14 @@ def base(tmp_path_factory, tokenizer):
               "logging": {"tensorboard": False, "progress": False}, "output_dir": str(folder / "base")}
     (folder / "base.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["--recipe", str(folder / "base.yaml")]) == 0
+    # As in Llama 3 base for <|eot_id|>: EOS's rows never received a training signal. Pretraining above only pushed
+    # EOS's logit down (a softmax gradient); a row that was never trained is (near) zero, as unsloth found in the
+    # real base checkpoints: zero both rows of EOS.
+    weights = folder / "base" / "final" / "model.safetensors"
+    tensors = load_file(weights)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name][tokenizer.eos_id] = 0
+    save_file(tensors, weights)
     return folder
 
 
