@@ -1,7 +1,8 @@
 """LoRA that learns to stop: a base whose EOS row never received a training signal.
 
 A tiny base is pretrained (full fine-tuning, from random weights) on a task whose answers are never followed by
-EOS: EOS is never a target. LoRA then teaches it to end its answers with EOS. With `lora.train_tokens: auto` the
+EOS: EOS is never a target; then EOS's embedding and head rows are zeroed, as the rows of tokens a real base never
+trained are (Llama 3 base and <|eot_id|>). LoRA then teaches it to end its answers with EOS. With `lora.train_tokens: auto` the
 rows of the tokens the template writes (BOS, EOS) train with the adapter and the held-out answers stop; with
 `none` the adapter alone does not learn to stop in the same steps.
 """
@@ -61,7 +62,7 @@ def _lora(base, train_tokens: str) -> dict:
               "datasets": [{"path": str(base / "train.jsonl")}],
               "data": {"max_seq_len": 256, "dedup": False, "cache_dir": str(base / "cache"),
                        "validation": [{"path": str(base / "valid.jsonl")}]},
-              "training": {"method": "lora", "max_steps": 150, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
+              "training": {"method": "lora", "max_steps": 200, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
                            "precision": "fp32"},
               "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "train_tokens": train_tokens},
               "eval": {"exact_match": 40, "max_new_tokens": 12},
@@ -72,14 +73,13 @@ def _lora(base, train_tokens: str) -> dict:
     return json.loads((base / f"lora-{train_tokens}" / "summary.json").read_text())
 
 
-def test_lora_learns_to_stop_with_the_template_token_rows(base):
-    """With the EOS row trained (auto), the held-out answers end where they should: EOS becomes likely, and the
-    validation loss (which counts the EOS target) falls far below the adapter-only run's. Without it (none), q/v
-    adapters can only push the hidden state towards a row pretraining pushed down: greedy decoding may still stop
-    (how often differs between CPUs) but the EOS target stays expensive. Measured at 150 steps on an Intel Xeon
-    with AVX-512: auto 0.07 validation loss and 0.93 exact match, none 0.77 and 0.80. (At 100 steps none
-    stopped in 0.2 of the answers or fewer on an AMD EPYC, but in 0.48 on that Xeon: exact match alone does
-    not separate the two.)"""
+def test_lora_learns_to_stop_only_with_the_template_token_rows(base):
+    """With EOS's rows trained (auto), the held-out answers end where they should; without them (none), EOS's logit
+    stays 0 (its head row is zero), so greedy decoding never stops on its own. Measured at 200 steps on an Intel
+    Xeon with AVX-512: auto 0.95 exact match and 0.026 validation loss, none 0.0 and 0.68. (Before EOS's rows were
+    zeroed in `base`, as rows pretraining only pushed down, none's q/v adapters learned to reach them: 0.2 to 0.8
+    exact match depending on the CPU and the steps.)"""
     auto, none = _lora(base, "auto"), _lora(base, "none")
-    assert auto["val_exact_match"] >= 0.8, auto
+    assert auto["val_exact_match"] >= 0.9, auto
+    assert none["val_exact_match"] <= 0.2, none
     assert auto["val_loss"] < 0.3 * none["val_loss"], (auto, none)
