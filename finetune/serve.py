@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from llama_core.generate import stream_generate
 
+from .chat import TextStream
 from .errors import UserError
 from .serve_requests import (ApiError, Sampling, Settings, completion_prompts, json_type, option, parse_messages,
                              parse_settings, unique)
@@ -130,6 +131,8 @@ class Batcher:
                     self.pending = []
                     return
                 batch = self._take()
+                if not batch:  # its client went away since the wait (cancel() does not take the lock)
+                    continue
                 self.stats["batches"] += 1
                 self.stats["rows"] += len(batch)
             try:
@@ -142,8 +145,12 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """The oldest waiting job and, in order, the waiting jobs that can join it (same key, and the batch's
-        longest prompt leaves room for every row's limit: `stream_generate` stops all rows at the context)."""
+        longest prompt leaves room for every row's limit: `stream_generate` stops all rows at the context); empty
+        when every waiting job was cancelled."""
         live = [j for j in self.pending if not j.cancelled]
+        if not live:
+            self.pending = []
+            return []
         batch, context = [live[0]], self.model.config.max_seq_len
         for job in live[1:]:
             if len(batch) == self.max_batch:
@@ -162,7 +169,7 @@ class Batcher:
             generator = torch.Generator(next(self.model.parameters()).device).manual_seed(s.seed)
         steps = stream_generate(
             self.model, [j.prompt for j in batch], max_new_tokens=max(j.limit for j in batch),
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=self.tokenizer.eos_id,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id={self.tokenizer.eos_id, *self.stop_ids},
             pad_id=self.tokenizer.pad_id, stop=list(s.stop) or None, tokenizer=self.tokenizer if s.stop else None,
             generator=generator, finish_reasons=reasons)
         counts = [0] * len(batch)
@@ -184,13 +191,10 @@ class Batcher:
                 job.finish("length")
 
     def _pass_on(self, job: Job, new: list[int], count: int, ended: bool) -> int:
-        """Deliver a row's new tokens within its own limit and up to a stop id; finish it when it is done.
-        `ended`: `stream_generate` ended the row (EOS or a stop string). Returns the number delivered."""
+        """Deliver a row's new tokens within its own limit; finish it when it is done. `ended`: `stream_generate`
+        ended the row (EOS, a stop id or a stop string). Returns the number delivered."""
         if len(new) > job.limit - count:  # the batch runs to its longest limit: cut this row at its own
             new, ended = new[:job.limit - count], False
-        cut = next((k for k, t in enumerate(new) if t in self.stop_ids), None)
-        if cut is not None:
-            new, ended = new[:cut], True
         if new:
             job.deliver(("tokens", new))
         if ended:
@@ -239,22 +243,6 @@ class Submission:
     def cancel(self) -> None:
         for job in self.jobs:
             job.cancelled = True
-
-
-class TextDecoder:
-    """The text of a row's generated tokens, piece by piece: each `push` decodes all tokens so far and returns the
-    new suffix, holding back a trailing "\\ufffd" (a character still missing bytes) until `final`."""
-
-    def __init__(self, tokenizer, strip_leading: bool):
-        self.tokenizer, self.strip, self.ids, self.text = tokenizer, strip_leading, [], ""
-
-    def push(self, ids: list[int], final: bool = False) -> str:
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids, continuation=True)
-        text = text.lstrip() if self.strip else text  # the space SentencePiece puts before an answer's first word
-        text = text if final else text.rstrip("\ufffd")
-        new, self.text = text[len(self.text):], max(self.text, text, key=len)
-        return new
 
 
 # ---------------------------------------------------------------------------------------------------------- the app
@@ -336,13 +324,13 @@ class _Server:
             results = await sub.results()
         finally:
             sub.cancel()  # no-op when done; else (the handler was cancelled) frees the rows
-        texts = [TextDecoder(self.tokenizer, fmt.strip).push(ids, final=True) for ids, _ in results]
+        texts = [TextStream(self.tokenizer, fmt.strip).push(ids, final=True) for ids, _ in results]
         usage["completion_tokens"] = sum(len(ids) for ids, _ in results)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return JSONResponse(fmt.response(texts, [_FINISH[r] for _, r in results], usage))
 
     async def stream(self, sub: Submission, fmt, usage: dict, include_usage: bool):
-        decoders = [TextDecoder(self.tokenizer, fmt.strip) for _ in sub.jobs]
+        decoders = [TextStream(self.tokenizer, fmt.strip) for _ in sub.jobs]
         for index in range(len(sub.jobs)):
             if (first := fmt.start(index)) is not None:
                 yield _sse(first)
@@ -356,7 +344,7 @@ class _Server:
             if kind == "done":
                 yield _sse(fmt.chunk(index, None, _FINISH[value]))
         if include_usage:
-            usage["completion_tokens"] = sum(len(d.ids) for d in decoders)
+            usage["completion_tokens"] = sum(len(d.tokens) for d in decoders)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             yield _sse(fmt.usage_chunk(usage))
         yield "data: [DONE]\n\n"

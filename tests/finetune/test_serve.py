@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from finetune.chat import TextStream
 from finetune.templates import load_template, tokenize
 from llama_core.config import get_config
 from llama_core.generate import generate
@@ -399,12 +400,12 @@ def test_text_decoder_holds_back_partial_characters_and_strips_the_answer_space(
     ids = tokenizer.encode(text, continuation=True)
     assert len(ids) > len(text.split())
     for strip, expected in ((True, text.lstrip()), (False, text)):
-        decoder = serve.TextDecoder(tokenizer, strip_leading=strip)
+        decoder = TextStream(tokenizer, strip_leading=strip)
         pieces = [decoder.push([i]) for i in ids] + [decoder.push([], final=True)]
         assert "".join(pieces) == expected and not any("\ufffd" in p for p in pieces)
         assert "日" in pieces  # released whole once its last byte arrived
     # An incomplete character at the very end comes out, as the replacement character, only when final.
-    decoder = serve.TextDecoder(tokenizer, strip_leading=True)
+    decoder = TextStream(tokenizer, strip_leading=True)
     partial = tokenizer.encode("日", continuation=True)[:2]
     assert decoder.push(partial) == ""
     assert set(decoder.push([], final=True)) == {"\ufffd"}
@@ -440,3 +441,9 @@ def test_batching_policy():
                        ["stop 2"],
                        ["room"],
                        ["sampled, other top_p"]]
+    # Every waiting job cancelled between the worker's wait and its take (cancel() runs on the event loop without
+    # the lock): an empty batch, not an IndexError that would end the worker thread and hang every later request.
+    batcher.pending = [job("left"), job("left too")]
+    for j in batcher.pending:
+        j.cancelled = True
+    assert batcher._take() == [] and batcher.pending == []
