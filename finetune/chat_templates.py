@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
-from .inputs import read_json_file
+from .inputs import read_json_file, read_text
 from .templates import Segment
 
 # Private-use characters around control-token text found in messages (transformers uses the same convention).
@@ -30,8 +30,13 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def chat_template_of(folder: str | Path) -> str | None:
-    """The Jinja chat template in a model folder's tokenizer_config.json (a string, or the "default" of a list of
-    named templates), or None."""
+    """The Jinja chat template of a model folder, or None: chat_template.jinja where there is one (transformers
+    saves it there since 4.50, and reads it before the config's), else tokenizer_config.json's `chat_template` (a
+    string, or the "default" of a list of named templates)."""
+    jinja = Path(folder) / "chat_template.jinja"
+    if jinja.is_file():
+        text = read_text(str(jinja), "chat template")
+        return text if text.strip() else None
     file = Path(folder) / TOKENIZER_CONFIG
     if not file.is_file():
         return None

@@ -34,7 +34,8 @@ from llama_core.files import OutputError, atomic_write, check_writable_file
 from llama_core.tokenizer import Tokenizer
 
 from .errors import UserError
-from .gguf_vocab import SPECIAL_KINDS, Vocab, hf_chat_template, load_vocab
+from .chat_templates import chat_template_of
+from .gguf_vocab import SPECIAL_KINDS, Vocab, load_vocab
 
 try:
     import gguf
@@ -398,7 +399,7 @@ def export_gguf(input_dir: str | os.PathLike, output: str | os.PathLike, *, dtyp
         # recipe's (a DeepSpeed checkpoint), else the folder's own chat template.
         template = _recipe_template(input_dir) if deepspeed else find_template(*folders)
         chat = template.to_jinja() if template is not None else \
-            next((t for folder in folders if (t := hf_chat_template(folder)) is not None), None)
+            next((t for folder in folders if (t := chat_template_of(folder)) is not None), None)
         return write_gguf(output, cfg, tensors, tokenizer=tokenizer, chat_template=chat, dtype=dtype, name=name)
     except (CheckpointError, ValueError) as e:  # a damaged or mismatched checkpoint, seen while it is read
         raise UserError(str(e)) from None

@@ -195,21 +195,3 @@ def check_fits(file: Path, n_tokens: int, vocab_size: int) -> None:
     if n_tokens > vocab_size:
         raise UserError(f"{file}: the tokenizer has {n_tokens} tokens, more than the model's vocab_size "
                         f"{vocab_size}; is it the model's tokenizer?")
-
-
-def hf_chat_template(folder: str | os.PathLike) -> str | None:
-    """The chat template of a Hugging Face model folder: tokenizer_config.json's `chat_template` (a list of named
-    templates gives its "default"), or chat_template.jinja; None if there is none."""
-    folder = Path(folder)
-    if (config_file := folder / "tokenizer_config.json").is_file():
-        try:
-            template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError) as e:
-            raise UserError(f"{config_file}: not a JSON object ({e})") from None
-        if isinstance(template, list):
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if isinstance(template, str):
-            return template
-    if (jinja := folder / "chat_template.jinja").is_file():
-        return jinja.read_text(encoding="utf-8")
-    return None

@@ -102,15 +102,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
             os.unlink(tmp)
 
 
+# Names of a process's open files: /dev/stdout is one even when it is redirected to a regular file.
+_DESCRIPTOR_NAME = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
+
+
 def _is_stream(path: Path) -> bool:
-    """An existing device or pipe, or an existing name under /dev or /proc/*/fd (/dev/stdout, even when it is
-    redirected to a file). A name under /dev that does not exist is not one: nothing is created there."""
+    """An existing device or pipe, or an existing name of an open file descriptor (/dev/stdout, /dev/fd/N,
+    /proc/PID/fd/N). A regular file elsewhere under /dev (/dev/shm/x) is not one (the writer then refuses /dev as a
+    place for output files); a name that does not exist is not a stream: nothing is created there."""
     if not path.exists():
         return False
     if not path.is_file() and not path.is_dir():
         return True
-    absolute = str(Path(os.path.abspath(path)))
-    return absolute.startswith("/dev/") or (absolute.startswith("/proc/") and "/fd/" in absolute)
+    return _DESCRIPTOR_NAME.fullmatch(os.path.abspath(path)) is not None
 
 
 def open_append(path: str | os.PathLike):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetune.chat_templates import load_model_template
+from finetune.chat_templates import chat_template_of, load_model_template
 from finetune.errors import UserError
 from finetune.templates import encode_segments, tokenize
 
@@ -75,3 +75,19 @@ def test_templates_without_append_only_turns_and_bad_sources(model_folder, llama
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": escape}))
     with pytest.raises(ValueError):
         load_model_template(tmp_path, llama3_tokenizer).prompt(CONVERSATION[:2])
+
+
+def test_where_a_folder_keeps_its_chat_template(tmp_path):
+    """chat_template.jinja first (transformers >= 4.50 saves it there and reads it before the config's), then
+    tokenizer_config.json's string or the "default" of a list; entries of another shape are ignored, not a crash."""
+    config = tmp_path / "tokenizer_config.json"
+    assert chat_template_of(tmp_path) is None
+    config.write_text(json.dumps({"chat_template": ["x", {"name": "tool_use", "template": "T"},
+                                                    {"name": "default", "template": "D"}]}))
+    assert chat_template_of(tmp_path) == "D"
+    config.write_text(json.dumps({"chat_template": ["x", 3]}))
+    assert chat_template_of(tmp_path) is None
+    config.write_text(json.dumps({"chat_template": "C"}))
+    assert chat_template_of(tmp_path) == "C"
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert chat_template_of(tmp_path) == "J"

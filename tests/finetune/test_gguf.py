@@ -15,7 +15,8 @@ gguf = pytest.importorskip("gguf")
 
 from finetune.errors import UserError
 from finetune.gguf_export import permute_qk, write_gguf
-from finetune.gguf_vocab import LLAMA3_SPLIT, hf_chat_template
+from finetune.chat_templates import chat_template_of
+from finetune.gguf_vocab import LLAMA3_SPLIT
 from llama_core.config import get_config
 from llama_core.generate import generate
 from llama_core.model import Transformer
@@ -208,9 +209,9 @@ def test_llama3_bpe_tokenizer(tmp_path, corpus):
     # An instruct model's tokenizer_config.json names its EOS (and its chat template); special_ids override all.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT}))
-    assert hf_chat_template(tmp_path) == CHAT
+    assert chat_template_of(tmp_path) == CHAT
     out = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict().items(),
-                     tokenizer=tmp_path / "tokenizer.json", chat_template=hf_chat_template(tmp_path),
+                     tokenizer=tmp_path / "tokenizer.json", chat_template=chat_template_of(tmp_path),
                      special_ids={"pad": 301})
     kv, _ = read(out)
     assert (kv["tokenizer.ggml.eos_token_id"], kv["tokenizer.ggml.padding_token_id"]) == (302, 301)

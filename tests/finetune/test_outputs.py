@@ -7,6 +7,7 @@ device. Unwritable places are refused in the first second.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,7 +24,7 @@ from finetune.outputs import RUN_MARKER, is_run_folder
 from finetune.run_state import checkpoint_dirs
 from llama_core import files
 from llama_core.files import (AtomicFolder, OutputError, atomic_write, check_output_folder, check_writable_file,
-                              check_writable_folder, write_text)
+                              check_writable_folder, write_json, write_text)
 from llama_core.weights import load_model, save_hf, save_meta
 
 from .test_merge import make_adapter, make_base
@@ -139,6 +140,24 @@ def test_dev_stdout_is_appended_to_not_renamed_over(tmp_path):
         subprocess.run([sys.executable, "-c", code], stdout=f, check=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert out.read_text() == "before\nwritten\n" and out.stat().st_ino == inode
+
+
+def test_a_regular_file_under_dev_is_refused_not_appended_to():
+    """Only the names of open file descriptors (/dev/stdout, /dev/fd/N) are streams, written as they are; any other
+    name under /dev is refused, whether it exists (a regular file in /dev/shm was appended to) or not."""
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    path = Path(f"/dev/shm/llama-finetune-test-{os.getpid()}.json")
+    try:
+        with pytest.raises(OutputError, match="inside /dev"):
+            write_json(path, {"a": 1})
+        path.write_text("the user's\n")
+        with pytest.raises(OutputError, match="inside /dev"):
+            write_json(path, {"a": 2})
+        assert path.read_text() == "the user's\n"
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @pytest.mark.parametrize("case", ["below a file", "in /proc", "read-only", "unwritable"])
