@@ -6,8 +6,8 @@ gradient), plus a full elementwise pass for each. `LoraLinear` adds the low-rank
 output in place with one `addmm_` (out += scaling * a @ B^T): the same sum, without those temporaries
 (measurements: bench/RESULTS.md). With dropout in training, `a = dropout(x) @ A^T` is one autograd function
 (`_DroppedProduct`) that keeps `x`, which the layer holds anyway, instead of PEFT's dropped-out copy and its float
-mask: two (tokens x in_features) tensors per layer fewer until the backward pass; on CPU its mask is drawn 4x
-faster than torch's dropout draws one (`dropout_mask`). Everything else is PEFT's own
+mask: two (tokens x in_features) tensors per layer fewer until the backward pass; on CPU its mask is drawn
+several times faster than torch's dropout draws one (`dropout_mask`). Everything else is PEFT's own
 `lora.Linear`: parameters, names, adapter files, merging, DoRA and every other case, which fall back to PEFT's
 forward. Registered through PEFT's custom-module dispatch for llama_core's Linear only.
 """
@@ -67,9 +67,9 @@ def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = 
     values, 1 / (1 - p), with p rounded to a multiple of 2^-16 (the scale uses the rounded p, so the expectation of
     `x * mask * scale` is exactly x).
 
-    torch's CPU dropout draws one random number per element on one thread (`bernoulli_`: 7 ms for 2048 x 512 on
-    an Intel Xeon, more than that layer's 512 x 512 product, and twice per step here, as the backward pass draws
-    the mask again); this draws 64 random bits for every 4 elements (1.1 ms) and compares 16 of them with p.
+    torch's CPU dropout draws one random number per element on one thread (`bernoulli_`: slower than the layer's
+    own product on the CPUs measured, and twice per step here, as the backward pass draws the mask again); this
+    draws 64 random bits for every 4 elements and compares 16 of them with p (bench/RESULTS.md).
     Drawn from `generator` (the global CPU generator when None), which advances by ceil(numel / 4) 64-bit draws."""
     levels = min(round(p * 65536), 65535)  # dropped: the 16-bit values below levels - 32768
     n = x.numel()
@@ -97,7 +97,7 @@ class _DroppedProduct(torch.autograd.Function):
         else:
             ctx.rng_state = torch.get_rng_state()  # before the draw: the backward pass draws from here again
             keep, scale = dropout_mask(x, p)
-            dropped = torch.where(keep, x, 0.0).mul_(scale)  # where: 4x faster than multiplying by a bool mask
+            dropped = torch.where(keep, x, 0.0).mul_(scale)  # where: faster than multiplying by a bool mask
             ctx.save_for_backward(x, weight)
         return F.linear(dropped, weight)
 

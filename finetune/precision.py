@@ -8,8 +8,8 @@ emulated and many times slower than fp32, so `bf16` there is refused and `auto` 
 
 bf16 on CPU is autocast: trained weights and the optimizer state stay fp32 (master weights), the blocks' products
 run in bf16, norms, the residual stream and the loss in fp32. A LoRA run's frozen base is held in bf16: it is never
-updated, takes half the memory, and autocast no longer casts every base weight at every step (llama-58m LoRA step
-on AVX512-BF16: 1.60x fp32's speed with a bf16 base, 1.30x with an fp32 one). bf16 is faster, not free: the
+updated, takes half the memory, and autocast no longer casts every base weight at every step (bench/RESULTS.md
+has the figures). bf16 is faster, not free: the
 quickstart ends a few points of exact match lower in bf16, which is why its recipes pin fp32.
 FINETUNE_CPU_BF16=0 or 1 pins what `auto` means on CPU without measuring (a test suite that must not depend on
 timing, or a user who knows); an explicit `training.precision` always wins.
@@ -29,8 +29,8 @@ from .errors import UserError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_ENV = "FINETUNE_CPU_BF16"
 # bf16 must beat fp32 by this much on the probe. A step gains about a third of the products' gain (the casts, the
-# fp32 loss head, norms and the optimizer do not speed up): AVX512-BF16, llama-58m at 4 x 512, probe 1.9-2.4x,
-# full step 1.35x, LoRA step 1.45x; at 1.5x on the probe a step gains ~15%, below that it is lost in the noise.
+# fp32 loss head, norms and the optimizer do not speed up; bench/RESULTS.md): at 1.5x on the probe a step gains
+# ~15%, below that it is lost in the noise.
 MIN_SPEEDUP = 1.5
 DEFAULT_SHAPE = (2048, 512, 1376)  # (tokens, dim, hidden_dim) when the caller gives none: llama-58m at 4 x 512
 PROBE_FLOPS = 3e9  # one fp32 probe (forward and backward product) costs about this much: ~20 ms at 150 GFLOP/s

@@ -10,7 +10,6 @@ someone put in it stays (with the folder).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from llama_core.files import fsync_dir, json_safe, make_durable
+from llama_core.files import fsync_dir, make_durable, write_json
 
 from .errors import UserError, WriteError, load_error_text
 from .inputs import read_json_file
@@ -65,11 +64,7 @@ def save_checkpoint(root: str, step: int, write, state: dict, keep_last: int, *,
         if is_main:
             torch.save(rng_state(), os.path.join(tmp, RNG_FILE))
             make_durable(tmp)  # the data is on disk before the folder is marked complete and renamed
-            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(json_safe(state), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
+            write_json(os.path.join(tmp, STATE_FILE), state)  # durable, folder entry included
     # Disk full, quota, ...: torch reports a short write as RuntimeError, safetensors as SafetensorError.
     except (OSError, RuntimeError, SafetensorError) as e:
         if is_main:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_args, device, parser
+from .common import add_model_args, load_model, parser
 
 
 def main(argv: list[str]) -> int:
@@ -32,11 +32,9 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     from ..chat import stop_strings
-    from ..inference import load_for_inference
-    from ..templates import load_template, tokenize
+    from ..templates import tokenize
 
-    model, tokenizer, found = load_for_inference(args.model, args.adapter, dtype=args.dtype, device=device())
-    template = load_template(args.template) if args.template else found or load_template("alpaca")
+    model, tokenizer, template = load_model(args)
     name = args.name or Path(args.adapter or args.model).resolve().name
 
     def prompt_ids(messages: list[dict]) -> list[int]:  # prompted exactly as the model was trained
