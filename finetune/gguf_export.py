@@ -32,6 +32,7 @@ import torch
 
 from llama_core.files import OutputError, atomic_write, check_writable_file
 from llama_core.tokenizer import Tokenizer
+from llama_core.weights import permute_hf_to_meta
 
 from .errors import UserError
 from .chat_templates import chat_template_of
@@ -107,13 +108,6 @@ def plan_tensors(c: dict, dtype: str) -> tuple[dict[str, PlannedTensor], list[st
 def _nbytes(shape: tuple[int, ...], qtype) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape) // block * size
-
-
-def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of each head reordered from Hugging Face's rotary halves (i, i + head_dim/2) to interleaved pairs
-    (2i, 2i+1): convert_hf_to_gguf.py's LlamaModel.permute."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def llama3_rope_factors(scaling: Mapping, head_dim: int, theta: float) -> np.ndarray:
@@ -316,7 +310,7 @@ def _write_tensors(f, data_start: int, plan: dict[str, PlannedTensor], tensors, 
         seen.add(hf_name)
         data = tensor.detach().to("cpu", torch.float32)
         if t.heads is not None:
-            data = permute_qk(data, t.heads)
+            data = permute_hf_to_meta(data, t.heads)  # llama.cpp's rotary pairs are Meta's (2i, 2i+1)
         array = gguf.quants.quantize(data.numpy(), t.qtype)
         del data
         if array.nbytes != t.nbytes:  # a bug here, not the user's input

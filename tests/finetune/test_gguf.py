@@ -13,13 +13,14 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from finetune.errors import UserError
-from finetune.gguf_export import permute_qk, write_gguf
 from finetune.chat_templates import chat_template_of
+from finetune.errors import UserError
+from finetune.gguf_export import write_gguf
 from finetune.gguf_vocab import LLAMA3_SPLIT
 from llama_core.config import get_config
 from llama_core.generate import generate
 from llama_core.model import Transformer
+from llama_core.weights import permute_hf_to_meta
 
 CHAT = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
 F32 = gguf.GGMLQuantizationType.F32
@@ -54,9 +55,9 @@ def stand_in(config, **fields):
 def test_permutation_interleaves_the_rotary_halves():
     # One head of head_dim 4: HF rotates rows (0, 2) and (1, 3) together; llama.cpp rotates adjacent rows.
     w = torch.arange(8.0).reshape(4, 2)
-    assert permute_qk(w, 1)[:, 0].tolist() == [0.0, 4.0, 2.0, 6.0]
+    assert permute_hf_to_meta(w, 1)[:, 0].tolist() == [0.0, 4.0, 2.0, 6.0]
     w = torch.randn(2 * 8, 3)
-    assert torch.equal(unpermute(permute_qk(w, 2), 2), w)
+    assert torch.equal(unpermute(permute_hf_to_meta(w, 2), 2), w)
 
 
 def test_sentencepiece_export_reads_back(tmp_path, tokenizer):
