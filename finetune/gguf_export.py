@@ -34,8 +34,8 @@ from llama_core.files import OutputError, atomic_write, check_writable_file
 from llama_core.tokenizer import Tokenizer
 from llama_core.weights import permute_hf_to_meta
 
-from .errors import UserError
 from .chat_templates import chat_template_of
+from .errors import UserError
 from .gguf_vocab import SPECIAL_KINDS, Vocab, load_vocab
 
 try:
@@ -357,7 +357,7 @@ def export_gguf(input_dir: str | os.PathLike, output: str | os.PathLike, *, dtyp
 
     from .hub import hub_id_of
     from .inference import existing_dir, is_adapter
-    from .merge import deepspeed_state, stored_dtype
+    from .merge import deepspeed_state, is_deepspeed_checkpoint, stored_dtype
     from .model_files import find_template, find_tokenizer
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -369,10 +369,7 @@ def export_gguf(input_dir: str | os.PathLike, output: str | os.PathLike, *, dtyp
     if is_adapter(input_dir):
         raise UserError(f"{input_dir} is a LoRA adapter (adapter_config.json), not a whole model: merge it first with "
                         f"finetune merge --adapter {input_dir} --output MERGED, then export MERGED")
-    deepspeed = (input_dir / "deepspeed").is_dir()
-    if (input_dir / "trainer_state.json").is_file() and not deepspeed:
-        raise UserError(f"{input_dir} is a single-device training checkpoint (for resuming); export the run's final/ "
-                        f"folder, or run the recipe again to finish it")
+    deepspeed = is_deepspeed_checkpoint(input_dir)
     try:
         if deepspeed:
             state, cfg, folders = deepspeed_state(input_dir, config)

@@ -137,6 +137,17 @@ def merge(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, base: st
 
 # --- export -------------------------------------------------------------------------------------------------------
 
+def is_deepspeed_checkpoint(input_dir: Path) -> bool:
+    """Whether a folder to export is a DeepSpeed training checkpoint (else a model folder). A single-device training
+    checkpoint (kept for resuming, its weights beside the optimizer state) is refused: its run's final/ is the
+    model."""
+    deepspeed = (input_dir / "deepspeed").is_dir()
+    if (input_dir / "trainer_state.json").is_file() and not deepspeed:
+        raise UserError(f"{input_dir} is a single-device training checkpoint (for resuming); export the run's final/ "
+                        f"folder, or run the recipe again to finish it")
+    return deepspeed
+
+
 def deepspeed_state(step_dir: Path, config_path: str | None) -> tuple[dict, LlamaConfig, Path | None]:
     """Consolidated fp32 weights of a DeepSpeed training checkpoint (any ZeRO stage, any number of ranks)."""
     try:
@@ -201,16 +212,14 @@ def export(input_dir: str | os.PathLike, output: str | os.PathLike, *, format: s
     # The small files a run keeps next to the weights, read first (the output may replace the input folder) and
     # written inside the new folder before it is renamed into place.
     try:
-        if (input_dir / "trainer_state.json").is_file() and not (input_dir / "deepspeed").is_dir():
-            raise UserError(f"{input_dir} is a single-device training checkpoint (for resuming); export the run's "
-                            f"final/ folder, or run the recipe again to finish it")
-        if (input_dir / "deepspeed").is_dir():
+        deepspeed = is_deepspeed_checkpoint(input_dir)
+        if deepspeed:
             sd, cfg, folders = deepspeed_state(input_dir, config)
         else:
             cfg, folders = load_config(input_dir), [input_dir]
         extra = _companions_of(folders, cfg.max_seq_len if format == "hf" else None)
         with _writing(Path(output), overwrite) as folder:
-            if (input_dir / "deepspeed").is_dir():
+            if deepspeed:
                 if format == "hf":
                     save_hf(sd, cfg, folder, dtype=dtype, max_shard_size=max_shard_size, extra_files=extra)
                 else:
