@@ -72,12 +72,12 @@ def _quantization_refusal(base: Path, dequantize: bool) -> None:
 
 
 @contextlib.contextmanager
-def _writing(output: Path, overwrite: bool):
+def _writing(output: Path, overwrite: bool, layout: str = "hf"):
     """The folder a writer fills for --output (see `finetune.outputs.model_output`); a failed write (a full disk:
     OSError, or SafetensorError, which is not one) is a WriteError: nothing new is left at `output`, and what was
     there before is intact."""
     try:
-        with model_output(output, overwrite) as target:
+        with model_output(output, overwrite, layout) as target:
             yield target
     except (OSError, SafetensorError) as e:
         raise WriteError(f"could not write {output} ({type(e).__name__}: {str(e)[:300]}); disk full? Nothing was "
@@ -207,7 +207,7 @@ def export(input_dir: str | os.PathLike, output: str | os.PathLike, *, format: s
     """Convert a checkpoint folder (HF, Meta, or a DeepSpeed training checkpoint) to `format`. `output` follows
     `finetune.outputs`' rule, as for merge."""
     input_dir = existing_dir(input_dir, "input")
-    check_model_output(output, overwrite)  # onto itself: a model folder is replaced, its other files kept
+    check_model_output(output, overwrite, format)  # onto itself: a model folder is replaced, its other files kept
     dtype = None if dtype in (None, "auto") else dtype
     # The small files a run keeps next to the weights, read first (the output may replace the input folder) and
     # written inside the new folder before it is renamed into place.
@@ -218,7 +218,7 @@ def export(input_dir: str | os.PathLike, output: str | os.PathLike, *, format: s
         else:
             cfg, folders = load_config(input_dir), [input_dir]
         extra = _companions_of(folders, cfg.max_seq_len if format == "hf" else None)
-        with _writing(Path(output), overwrite) as folder:
+        with _writing(Path(output), overwrite, format) as folder:
             if deepspeed:
                 if format == "hf":
                     save_hf(sd, cfg, folder, dtype=dtype, max_shard_size=max_shard_size, extra_files=extra)

@@ -16,7 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from llama_core.files import MODEL_LAYOUTS, AtomicFolder, OutputError, check_output_folder, check_writable_folder
+from llama_core.files import (MODEL_LAYOUTS, AtomicFolder, OutputError, check_output_folder, check_writable_file,
+                              check_writable_folder, is_stream)
 
 from .errors import UserError
 
@@ -96,22 +97,37 @@ def model_file(name: str) -> bool:
     return any(pattern.fullmatch(name) for pattern in MODEL_LAYOUTS.values())
 
 
-def check_model_output(output: str | os.PathLike, overwrite: bool) -> str:
+_LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta"}
+
+
+def check_model_output(output: str | os.PathLike, overwrite: bool, layout: str = "hf") -> str:
     """The rule for merge's and export's --output: "new", "own" (a model folder: replaced, other files kept) or
-    "beside" (with --overwrite, a folder without model files); UserError otherwise, before any work."""
+    "beside" (with --overwrite, a folder without model files); UserError otherwise, before any work. `layout`: what
+    the writer writes ("hf" or "meta"); a folder holding weights of the other layout is refused, as the writer
+    would leave them beside its own (it never deletes files it did not write) and a loader would find two models."""
     try:
-        return check_output_folder(output, own_kind=is_model_output, what="a checkpoint or adapter folder",
+        kind = check_output_folder(output, own_kind=is_model_output, what="a checkpoint or adapter folder",
                                    overwrite=overwrite, clashes=model_file, option="--overwrite")
     except OutputError as e:
         raise UserError(f"--output {e}") from None
+    other = {"hf": "meta", "meta": "hf"}[layout]
+    if kind != "new" and os.path.isdir(output):
+        found = sorted(p.name for p in Path(output).iterdir() if MODEL_LAYOUTS[other].fullmatch(p.name)
+                       and p.name != "generation_config.json")
+        if found:
+            raise UserError(f"--output {output}: holds a {_LAYOUT_NAMES[other]} checkpoint ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}); the {_LAYOUT_NAMES[layout]} files written here "
+                            f"would sit beside it and a loader would find two models. Write to a new folder, or "
+                            f"move those files away first")
+    return kind
 
 
 @contextlib.contextmanager
-def model_output(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+def model_output(output: str | os.PathLike, overwrite: bool, layout: str = "hf") -> Iterator[Path]:
     """The folder to give a model writer (save_hf, save_meta, convert) for --output: `output` itself when it is
     new or a model folder (the writer replaces it atomically), or, for "beside", a temporary folder whose files are
     moved in beside the existing ones once the writer has finished."""
-    if check_model_output(output, overwrite) != "beside":
+    if check_model_output(output, overwrite, layout) != "beside":
         yield Path(output)
         return
     try:
@@ -120,3 +136,26 @@ def model_output(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
         raise UserError(f"--output {e}") from None
     with folder as tmp:
         yield tmp
+
+
+def check_output_file(path: str, flag: str, overwrite: bool, reads: tuple = ()) -> Path:
+    """An output file named on the command line (`flag`: --output, --log-samples), checked before any work:
+    writable (not a folder, not a symbolic link); never inside a folder the command reads (`reads`: the model, the
+    adapter); an existing file only with `overwrite` (then replaced whole, once the new file is complete). Devices
+    and pipes (/dev/stdout) are written as they are. UserError otherwise."""
+    try:
+        target = check_writable_file(path)
+    except OutputError as e:
+        raise UserError(f"{flag} {e}") from None
+    if is_stream(target):
+        return target
+    real = os.path.realpath(target)
+    for folder in reads:
+        if folder and os.path.isdir(folder):
+            inside = os.path.realpath(folder)
+            if os.path.commonpath([real, inside]) == inside:
+                raise UserError(f"{flag} {path}: is inside {folder}, which this command reads; write it elsewhere")
+    if target.exists() and not overwrite:
+        raise UserError(f"{flag} {path}: exists; pass --overwrite to replace it (the new file is written beside it "
+                        f"and renamed over it only once complete)")
+    return target

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import importlib.util
 import os
 import signal
 import sys
@@ -82,17 +83,51 @@ class Run:
         return os.path.join(self.recipe.output_dir, "checkpoints")
 
 
+# How launchers tell a process how many were started: torchrun, accelerate and DeepSpeed's launcher; Open MPI's
+# mpirun; MPICH's and Intel MPI's.
+LAUNCHER_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def check_launcher(recipe: Recipe) -> None:
+    """Refuse (UserError) a launch the recipe cannot run as asked: one of several processes with
+    distributed.backend: none (each would train the same model into the same output_dir), a process count that is
+    not one, or DeepSpeed under a launcher whose ranks it cannot find."""
+    sizes = {}
+    for name in LAUNCHER_SIZES:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise UserError(f"{name}={value!r} is not a number of processes (a launcher sets it; unset it to run "
+                            f"one process)") from None
+        if sizes[name] < 1:
+            raise UserError(f"{name}={value}: a launcher starts at least 1 process (unset it to run one process)")
+    name, world = max(sizes.items(), key=lambda kv: kv[1], default=("WORLD_SIZE", 1))
+    if world > 1 and recipe.distributed.backend == "none":
+        raise UserError(f"distributed.backend: none, but this process is one of {world} started by a launcher "
+                        f"({name}={world}): {world} independent copies would train the same model into the same "
+                        f"output_dir. Set distributed.backend: deepspeed (it runs under torchrun too), or start one "
+                        f"process (`finetune launch --nproc-per-node N` starts DeepSpeed's launcher)")
+    if world > 1 and "WORLD_SIZE" in sizes:
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v, "").strip()]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                            f"set: start the processes with torchrun, deepspeed or `finetune launch`, which set them")
+    elif world > 1:  # mpirun: DeepSpeed finds the ranks through mpi4py
+        if importlib.util.find_spec("mpi4py") is None:
+            raise UserError(f"started by an MPI launcher ({name}={world}): DeepSpeed finds its ranks there through "
+                            f"mpi4py, which is not installed (pip install mpi4py), or start the processes with "
+                            f"torchrun or `finetune launch`")
+
+
 def train(recipe: Recipe) -> dict:
     """Run a recipe end to end, on one device or under DeepSpeed (distributed.backend); returns the summary (also
     written to OUT/summary.json)."""
     t = recipe.training
     out = recipe.output_dir
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun, accelerate, deepspeed, mpirun ...
-    if world > 1 and recipe.distributed.backend == "none":
-        raise UserError(f"distributed.backend: none, but this process is one of {world} started by a launcher "
-                        f"(WORLD_SIZE={world}): {world} independent copies would train the same model into the same "
-                        f"output_dir. Set distributed.backend: deepspeed (it runs under torchrun too), or start one "
-                        f"process (`finetune launch --nproc-per-node N` starts DeepSpeed's launcher)")
+    check_launcher(recipe)
     check_outputs(recipe)  # in the first second: not after preparing the data and building the model
     if recipe.distributed.backend == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine, init_distributed

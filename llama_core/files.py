@@ -38,7 +38,7 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     """`path` as a Path if a file may be written there; else OutputError saying why (a folder, a link, a
     missing or unwritable parent). Devices and pipes are writable as they are."""
     path = Path(path)
-    if _is_stream(path):
+    if is_stream(path):
         return path
     if path.is_symlink():
         raise OutputError(f"{path}: is a symbolic link; give the path of the file itself (a link would be replaced "
@@ -83,7 +83,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = check_writable_file(path)
-    if _is_stream(path):  # never renamed over: written as it is
+    if is_stream(path):  # never renamed over: written as it is
         with open(path, mode.replace("w", "a"), encoding=None if "b" in mode else encoding) as f:
             yield f  # appending: opening /dev/stdout for writing would truncate a file it is redirected to
         return
@@ -106,7 +106,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
 _DESCRIPTOR_NAME = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
 
 
-def _is_stream(path: Path) -> bool:
+def is_stream(path: Path) -> bool:
     """An existing device or pipe, or an existing name of an open file descriptor (/dev/stdout, /dev/fd/N,
     /proc/PID/fd/N). A regular file elsewhere under /dev (/dev/shm/x) is not one (the writer then refuses /dev as a
     place for output files); a name that does not exist is not a stream: nothing is created there."""

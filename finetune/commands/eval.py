@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, help="default: the model's context length")
     p.add_argument("--output", help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --output (and --log-samples) files")
     if what == "mmlu":
         p.add_argument("--data", required=True, help="MMLU folder (dev/, test/ CSVs) or 'hub' (cais/mmlu)")
         p.add_argument("--shots", type=int, default=5)
@@ -55,16 +56,13 @@ def main(argv: list[str]) -> int:
 
 
 def _check_outputs(a) -> None:
-    from llama_core.files import OutputError, check_writable_file, check_writable_folder
+    from llama_core.files import OutputError, check_writable_folder
 
-    from ..outputs import DEFAULT_CACHE_DIR
+    from ..outputs import DEFAULT_CACHE_DIR, check_output_file
 
     for flag, path in (("--output", a.output), ("--log-samples", getattr(a, "log_samples", None))):
         if path:
-            try:
-                check_writable_file(path)
-            except OutputError as e:
-                raise UserError(f"{flag} {e}") from None
+            check_output_file(path, flag, a.overwrite, reads=(a.model, getattr(a, "adapter", None)))
     if getattr(a, "log_samples", None) and a.output and os.path.realpath(a.log_samples) == os.path.realpath(a.output):
         raise UserError(f"--log-samples and --output are the same file ({a.output}); give two names")
     if getattr(a, "format", None) is not None:  # eval loss: the tokenized-data cache

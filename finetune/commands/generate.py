@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
-from llama_core.files import OutputError, atomic_write, check_writable_file
+from llama_core.files import atomic_write
 
 from ..errors import UserError, WriteError
+from ..outputs import check_output_file
 from .common import add_model_args, add_sampling_args, load_model, parser, sampling_settings
 
 
@@ -18,6 +19,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--file", help='JSONL prompts: {"prompt"}, {"instruction", "input"} or {"messages"} lines '
                                   '("-": standard input)')
     p.add_argument("--output", help="JSONL output file (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--raw", action="store_true", help="no template: continue the prompt text")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -33,10 +35,7 @@ def main(argv: list[str]) -> int:
     if args.output:  # found now, not after generating
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise UserError(f"--output {args.output}: its folder does not exist")
-        try:
-            check_writable_file(args.output)
-        except OutputError as e:
-            raise UserError(f"--output {e}") from None
+        check_output_file(args.output, "--output", args.overwrite, reads=(args.model, args.adapter))
     elif sys.stdout is None or sys.stdout.closed:
         raise UserError("standard output is closed; give --output FILE")
     model, tokenizer, template = load_model(args)

@@ -15,11 +15,13 @@ def main(argv: list[str]) -> int:
     from ..outputs import check_outputs
     from ..plan import check_recipe_memory
     from ..recipe import dump_recipe, load_recipe
+    from ..train import check_launcher
 
     recipe = load_recipe(args.recipe, args.overrides + (["overwrite=true"] if args.overwrite else []))
     if args.print_config:
         print(dump_recipe(recipe), end="")
-    check_outputs(recipe)  # what training checks before any work: where it writes, and whether the model fits
+    check_launcher(recipe)  # what training checks before any work: how it was started, where it writes, and
+    check_outputs(recipe)  # whether the model fits
     if warning := check_recipe_memory(recipe):
         print(warning, file=sys.stderr)
     print(f"{args.recipe}: ok")

@@ -174,7 +174,7 @@ def test_stop_strings_and_output_file(run, tmp_path, capsys):
     assert len(records) == 3 and not (tmp_path / "out.jsonl.tmp").exists()
     row = next(r for r in records if len(r["completion"]) > 4)  # stop at a piece of its own completion
     stop = row["completion"][2:4]
-    assert main(argv + ["--stop", stop]) == 0
+    assert main(argv + ["--stop", stop, "--overwrite"]) == 0
     again = [json.loads(line) for line in out.read_text().splitlines()]
     hit = again[records.index(row)]
     assert hit["finish_reason"] == "stop" and stop not in hit["completion"]

@@ -70,3 +70,9 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(run), str(tmp_path / "other"), "--output", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").stat().st_size > 1000
     assert main(["plot", str(tmp_path / "missing")]) == 2
+    (tmp_path / "precious.png").write_bytes(b"the user's")  # an existing --output only with --overwrite
+    assert main(["plot", str(run), "--output", str(tmp_path / "precious.png")]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "precious.png").read_bytes() == b"the user's"
+    assert main(["plot", str(run), "--output", str(tmp_path / "precious.png"), "--overwrite"]) == 0
+    assert (tmp_path / "precious.png").read_bytes()[:4] == b"\x89PNG"

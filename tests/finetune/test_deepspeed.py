@@ -138,6 +138,27 @@ def test_deepspeed_checkpoints_load_weights_only(tmp_path):
     assert torch.equal(_safe_checkpoint_engine(None).load(str(tmp_path / "fine.pt"))["w"], torch.ones(2))
 
 
+@pytest.mark.parametrize("env, backend, message", [
+    ({"WORLD_SIZE": "abc"}, "none", "WORLD_SIZE='abc' is not a number of processes"),
+    ({"WORLD_SIZE": "0"}, "none", "WORLD_SIZE=0: a launcher starts at least 1 process"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "none", "(OMPI_COMM_WORLD_SIZE=2)"),
+    ({"PMI_SIZE": "4"}, "none", "(PMI_SIZE=4)"),
+    ({"WORLD_SIZE": "2"}, "deepspeed", "WORLD_SIZE=2, but RANK, MASTER_ADDR, MASTER_PORT are not set")])
+def test_launch_environments_that_cannot_work_are_refused(tmp_path, tokenizer, monkeypatch, capsys, env, backend,
+                                                          message):
+    """Bad or partial launcher variables: exit 2 and one line, from validate as from training, before any work."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    recipe = _recipe(tmp_path, tokenizer, output_dir=str(tmp_path / "out"), distributed={"backend": backend})
+    for command in (["validate", "--recipe", recipe], ["--recipe", recipe]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_under_torchrun(tmp_path, tokenizer, monkeypatch, capsys):
     """torchrun (or any launcher setting WORLD_SIZE > 1): backend none is refused at once, exit 2, nothing
     written; backend deepspeed runs there as under DeepSpeed's launcher, with the same losses as one process."""

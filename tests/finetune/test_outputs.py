@@ -313,11 +313,18 @@ def test_merge_onto_an_unrelated_checkpoint_loses_nothing(models, tmp_path, tiny
     save_meta(model, model.config, other)  # someone's Meta checkpoint, with their notes
     (other / "notes.txt").write_text("where this model came from")
     before = _tree(other)
-    assert main(["merge", "--adapter", str(models["adapter"]), "--output", str(other)]) == 0
-    after = _tree(other)
-    assert {k: after[k] for k in before} == before  # params.json, consolidated.00.pth and notes.txt kept
-    merged = load_model(other, format="hf")  # the merged model, beside the files that were there
-    assert (merged.config.dim, merged.config.n_layers) == (model.config.dim, model.config.n_layers)
+    # Refused: a Hugging Face model written beside their Meta one would leave a folder with two models in it,
+    # which a loader reads as one of them (an export into the other layout's folder likewise).
+    assert main(["merge", "--adapter", str(models["adapter"]), "--output", str(other)]) == 2
+    assert "holds a Meta checkpoint (consolidated.00.pth, params.json)" in capsys.readouterr().err
+    assert main(["export", "--input", str(models["base"]), "--output", str(other), "--format", "hf"]) == 2
+    assert "holds a Meta checkpoint" in capsys.readouterr().err
+    assert _tree(other) == before  # params.json, consolidated.00.pth and notes.txt as they were
+    hf = tmp_path / "hf"
+    save_hf(model, model.config, hf)
+    assert main(["export", "--input", str(models["base"]), "--output", str(hf), "--format", "meta"]) == 2
+    assert "holds a Hugging Face checkpoint (config.json, model.safetensors)" in capsys.readouterr().err
+    assert main(["export", "--input", str(hf), "--output", str(hf), "--format", "meta"]) == 2  # in place, too
 
 
 def test_merge_and_export_refuse_a_folder_that_is_not_a_checkpoint(models, tmp_path, monkeypatch, capsys):
@@ -372,8 +379,14 @@ def test_generate_output_link_folder_and_device(models, tmp_path, monkeypatch, c
     monkeypatch.setattr(command, "load_model", real)
     assert main(base + ["--output", "/dev/null"]) == 0  # a device: written as it is
     assert Path("/dev/null").is_char_device()
-    assert main(base + ["--output", str(target)]) == 0  # a regular file is replaced, atomically
+    assert main(base + ["--output", str(target)]) == 2  # an existing file: only with --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err and target.read_text() == "old answers\n"
+    assert main(base + ["--output", str(target), "--overwrite"]) == 0  # then replaced, atomically
     assert json.loads(target.read_text())["prompt"] == "the day"
+    for inside in (models["base"] / "config.json", models["base"] / "new.jsonl"):  # never into the model read
+        assert main(base + ["--output", str(inside), "--overwrite"]) == 2
+        assert f"is inside {models['base']}, which this command reads" in capsys.readouterr().err
+    assert not (models["base"] / "new.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "link.jsonl", "p.jsonl"]
 
 
@@ -387,3 +400,9 @@ def test_eval_output_is_checked_before_evaluating(models, tmp_path, monkeypatch,
     assert main(["eval", "loss", "--model", str(models["base"]), "--data", str(tmp_path / "x.jsonl"),
                  "--output", "/proc/self/x.json"]) == 2
     assert "inside /proc" in capsys.readouterr().err
+    (tmp_path / "scores.json").write_text("kept")  # an existing file only with --overwrite, before any work
+    for flag in ("--output", "--log-samples"):
+        assert main(["eval", "mmlu", "--model", str(models["base"]), "--data", str(Path(ROOT) / "data" / "mmlu_sample"),
+                     flag, str(tmp_path / "scores.json")]) == 2
+        assert f"{flag} {tmp_path / 'scores.json'}: exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "scores.json").read_text() == "kept"
