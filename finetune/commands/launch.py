@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--master-addr")
     p.add_argument("--master-port", type=int)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     problems = [f"{flag} must be >= 1, got {value}" for flag, value in
                 (("--nproc-per-node", args.nproc_per_node), ("--num-nodes", args.num_nodes))
                 if value is not None and value < 1]

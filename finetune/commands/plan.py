@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB or 24GiB")
     p.add_argument("--preset", help="plan with this preset's shape (when the recipe's checkpoint is not here yet)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     if args.nproc < 1 or args.nodes < 1:
         raise UserError(f"finetune plan: --nproc and --nodes must be >= 1, got {args.nproc} and {args.nodes}")
     from llama_core.weights import parse_size

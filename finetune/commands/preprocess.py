@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
     add_recipe_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe")
     p.add_argument("--show", type=int, default=2, help="examples to print")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     from ..build import load_tokenizer
     from ..data import build_datasets, show_examples
     from ..recipe import dump_recipe, load_recipe

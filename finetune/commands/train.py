@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
                    help="output_dir may be an existing folder that is not a run folder: the run's files are written "
                         "beside the ones there, none of which is replaced or deleted (overwrite: true)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     from ..recipe import dump_recipe, load_recipe
     from ..train import train
 

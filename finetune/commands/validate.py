@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
     add_recipe_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe")
     p.add_argument("--overwrite", action="store_true", help="as for training: output_dir may be any folder")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     from ..outputs import check_outputs
     from ..plan import check_recipe_memory
     from ..recipe import dump_recipe, load_recipe

@@ -220,3 +220,12 @@ def test_keys_of_other_tools_are_answered_with_ours(tmp_path, capsys):
                  "r.yaml:7: lora_r: unknown key; this recipe calls it 'lora.r'",
                  "data.sequence_len: unknown key; this recipe calls it 'data.max_seq_len'"):
         assert line in err, (line, err)
+
+
+def test_overrides_before_and_after_the_flags(tmp_path, capsys):
+    recipe = os.path.join(ROOT, "recipes", "quickstart.yaml")
+    out = f"output_dir={tmp_path / 'out'}"
+    assert main(["validate", "--recipe", recipe, "training.lr=1e-3", "--print-config", "training.max_steps=2",
+                 out]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 2" in printed and "lr: 0.001" in printed
