@@ -17,7 +17,7 @@ from llama_core.files import AtomicFolder, OutputError
 from llama_core.model import Transformer
 from llama_core.weights import save_hf
 
-from .errors import UserError
+from .errors import UserError, load_error_text
 from .heap import release_after_blocks, release_free_memory
 from .precision import Precision, autocast_context
 from .run_state import is_model_folder
@@ -66,6 +66,14 @@ class Engine(Protocol):
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor: ...
 
     def barrier(self) -> None: ...
+
+
+def _read(file: str, read):
+    """read(file); a damaged or unreadable file is a UserError naming it."""
+    try:
+        return read(file)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, UnpicklingError, EOFError, RuntimeError, OSError ...
+        raise UserError(f"{file}: damaged ({load_error_text(e)})") from None
 
 
 def base_parameter_count(core: torch.nn.Module) -> int:
@@ -166,7 +174,7 @@ class LocalEngine:
         torch.save(state, os.path.join(path, "optimizer.pt"))
 
     def load(self, path: str) -> None:
-        tensors = load_file(os.path.join(path, "trainable.safetensors"))
+        tensors = _read(os.path.join(path, "trainable.safetensors"), load_file)
         params = self.trainable()
         if set(tensors) != set(params):
             raise UserError(f"{path}: the checkpoint's trained tensors do not match this run's "
@@ -175,7 +183,8 @@ class LocalEngine:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])
-        state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
+        state = _read(os.path.join(path, "optimizer.pt"),
+                      lambda file: torch.load(file, map_location=self.device, weights_only=True))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

@@ -417,8 +417,8 @@ def _resume(recipe: Recipe, engine: Engine, schedule: Schedule, path: str) -> St
                         f"{schedule.total_steps} steps; use a new output_dir to train a shorter run")
     try:
         engine.load(path)
-    except UserError:
-        raise
+    except UserError as e:  # a file named by the engine
+        raise UserError(f"{e}; {fallback}") from None
     except Exception as e:  # noqa: BLE001 - a damaged file: say which, and what to do
         raise UserError(f"{path} cannot be read ({load_error_text(e)}); {fallback}") from None
     try:

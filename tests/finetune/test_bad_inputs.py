@@ -271,7 +271,7 @@ def test_damaged_checkpoint_files_say_what_to_delete(finished, tmp_path, capsys,
         (last / file).write_bytes(content)
     assert main(["--recipe", recipe, f"output_dir={run}", "training.max_steps=6"]) == 2
     err = capsys.readouterr().err
-    assert str(last / file) in err or f"{last} cannot be read" in err, err
+    assert str(last / file) in err, err  # the damaged file itself is named
     assert f"delete it to resume from {run / 'checkpoints' / 'step-00000002'}" in err and "Traceback" not in err
     assert "weights_only" not in err and "will likely succeed" not in err
     assert not marker.exists()  # no code from a checkpoint ever runs
