@@ -531,7 +531,7 @@ def _check_datasets(r: Recipe, problems: Problems, check_paths: bool) -> None:
 
 def _check_training(r: Recipe, problems: Problems, check_paths: bool) -> None:
     t = r.training
-    if t.betas is not None and (len(t.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1
+    if problems.ok("training.betas") and t.betas is not None and (len(t.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1
                                                               for b in t.betas)):
         problems.add("training.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
     if t.warmup_steps and t.warmup_ratio:

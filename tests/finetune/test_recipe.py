@@ -229,3 +229,10 @@ def test_overrides_before_and_after_the_flags(tmp_path, capsys):
                  out]) == 0
     printed = capsys.readouterr().out
     assert "max_steps: 2" in printed and "lr: 0.001" in printed
+
+
+def test_a_key_of_the_wrong_type_is_one_problem(capsys):
+    recipe = os.path.join(ROOT, "recipes", "quickstart.yaml")
+    assert main(["validate", "--recipe", recipe, "training.betas=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem:" in err and "training.betas: expected a list, got float 0.9" in err, err
