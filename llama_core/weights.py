@@ -88,7 +88,8 @@ def parse_size(size: int | str) -> int:
     """Bytes in 5000000, "5GB" (10^9), "5GiB" (2^30), "500MB", ..., as Hugging Face reads max_shard_size."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
     if isinstance(size, bool) or not m or float(m[1]) <= 0:
-        raise ValueError(f"invalid size {size!r}; use bytes or a number with a unit, e.g. '5GB', '500MB'")
+        raise ValueError(f"invalid size {size!r}; use bytes or a number with a unit (B, KB, MB, GB, KiB, MiB, GiB), "
+                         f"e.g. '5GB', '500MB', '80GiB'")
     unit = (m[2] or "B").upper()
     return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit])
