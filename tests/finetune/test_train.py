@@ -347,7 +347,7 @@ def test_resume_edge_cases(tmp_path, tokenizer, capsys):
     damaged.write_bytes(damaged.read_bytes()[:100])
     assert main(["--recipe", recipe, "training.max_steps=8"]) == 2
     err = capsys.readouterr().err
-    assert f"{last} cannot be read" in err and "delete it to resume from" in err and "step-00000004" in err
+    assert f"{damaged}: damaged" in err and "delete it to resume from" in err and "step-00000004" in err
 
 
 def test_trackers_and_the_loss_picture(tmp_path, tokenizer, monkeypatch):
