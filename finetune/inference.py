@@ -124,8 +124,9 @@ def _adapter_weight_names(adapter_dir: Path) -> set[str]:
 def load_core(model_dir: Path, dtype, device="cpu") -> Transformer:
     """A checkpoint's model, after checking its weights can fit this machine's memory (before allocating)."""
     try:
-        check_weights_fit(load_config(model_dir), resolve_dtype(dtype) or torch.float32, device, str(model_dir))
-        return load_model(model_dir, dtype=dtype, device=device)
+        config = load_config(model_dir)
+        check_weights_fit(config, resolve_dtype(dtype) or torch.float32, device, str(model_dir))
+        return load_model(model_dir, dtype=dtype, device=device, config=config)
     except CheckpointError as e:
         raise UserError(str(e)) from None
 

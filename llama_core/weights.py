@@ -205,6 +205,11 @@ def _meta_tied(shards: list[dict[str, torch.Tensor]]) -> bool:
     a separate `output`; this project writes the embedding there for a tied model)."""
     if "output.weight" not in shards[0]:
         return True
+    # First row first (the output is split by rows, the embedding by columns): an untied model differs there, so
+    # only a tied one pays for comparing the whole matrices.
+    first = torch.cat([sd["tok_embeddings.weight"][:1] for sd in shards], 1)
+    if not torch.equal(shards[0]["output.weight"][:1], first):
+        return False
     output = torch.cat([sd["output.weight"] for sd in shards], 0) if len(shards) > 1 else shards[0]["output.weight"]
     embedding = (torch.cat([sd["tok_embeddings.weight"] for sd in shards], 1) if len(shards) > 1
                  else shards[0]["tok_embeddings.weight"])
