@@ -288,9 +288,7 @@ def attention_mask_for(position_ids, attention_mask, start: int, T: int, device)
     if position_ids is None and attention_mask is None:
         return None if start == 0 or T == 1 else _causal(start, T, device)[None, None]
     if position_ids is not None:  # packed documents: a new one starts wherever the positions do not continue
-        new_doc = torch.ones_like(position_ids, dtype=torch.bool)
-        new_doc[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-        doc = new_doc.cumsum(dim=1)  # (B, T)
+        doc = packed_attention.document_ids(position_ids)  # (B, T)
         mask = (doc[:, :, None] == doc[:, None, :]) & _causal(0, T, device)
     else:
         mask = _causal(start, T, device).expand(attention_mask.shape[0], T, start + T)

@@ -39,8 +39,8 @@ ENV_VAR = "LLAMA_PACKED_ATTENTION"
 # --- documents ---
 
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: True where a document starts, i.e. where a position does not continue its predecessor by one
-    (the rule of llama_core.model.attention_mask_for); every row starts one."""
+    """(B, T) bool: True where a document starts, i.e. where a position does not continue its predecessor by one;
+    every row starts one. llama_core.model.attention_mask_for builds its CPU mask from these documents too."""
     if position_ids.dim() != 2 or position_ids.numel() == 0:
         raise ValueError(f"position_ids must be a non-empty (B, T) tensor, got shape {tuple(position_ids.shape)}")
     starts = torch.ones_like(position_ids, dtype=torch.bool)
@@ -238,7 +238,7 @@ def _flex(q, k, v, block_mask, scale):
 
 def dense_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) bool, True where a query may attend to a key: the block-diagonal causal mask, as
-    llama_core.model.attention_mask_for builds it for packed rows (not imported: model imports this module)."""
+    llama_core.model.attention_mask_for builds it for packed rows (the reference the CUDA paths are tested against)."""
     docs = document_ids(position_ids)
     T = docs.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
