@@ -23,7 +23,7 @@ from llama_core.model import Transformer
 from llama_core.weights import load_model, save_hf
 
 from ..conftest import LLAMA3_INSTRUCT, LLAMA3_ROPE, save_llama32_like
-from .test_gguf import load_llama_cpp, read, unpermute, values
+from .test_gguf import llama_cpp_run, read, unpermute, values
 
 Q = gguf.GGMLQuantizationType
 
@@ -255,17 +255,8 @@ def test_llama_cpp_runs_the_exported_file(which, llama3_folder, llama3_tokenizer
     model = load_model(folder)
     prompt = tok.encode(TEXT, bos=True)
     assert len(prompt) > 16
-    llm = load_llama_cpp(out)
-    try:
-        assert llm.tokenize(TEXT.encode(), add_bos=True) == prompt  # the same tokenizer
-        llm.eval(prompt)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-        greedy = []  # llama.cpp's greedy decoding: the argmax of its logits, fed back
-        for _ in range(8):
-            greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval(greedy[-1:])
-    finally:
-        llm.close()
+    theirs, greedy, their_prompt = llama_cpp_run(out, prompt, new_tokens=8, text=TEXT)
+    assert their_prompt == prompt  # the same tokenizer
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0]
     torch.testing.assert_close(theirs, ours, rtol=0, atol=LOGIT_TOLERANCE)

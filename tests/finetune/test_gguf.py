@@ -339,26 +339,35 @@ def load_llama_cpp(path):
     return llm
 
 
+def llama_cpp_run(path, prompt: list[int], new_tokens: int = 0, text: str | None = None):
+    """llama.cpp on a GGUF file: (its logits at each position of `prompt`, its greedy continuation of `new_tokens`
+    tokens (the argmax of its logits, fed back), its tokens for `text` with BOS, or None without a text)."""
+    llm = load_llama_cpp(path)
+    try:
+        tokens = llm.tokenize(text.encode(), add_bos=True) if text is not None else None
+        llm.eval(prompt)
+        logits = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
+        greedy = []
+        for _ in range(new_tokens):
+            greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(greedy[-1:])
+        return logits, greedy, tokens
+    finally:
+        llm.close()
+
+
 def test_llama_cpp_matches_our_model(tmp_path, tokenizer):
     pytest.importorskip("llama_cpp")
     model = make_model("tiny-gqa", std=0.2)  # larger weights than the default: clear margins between the top logits
     path = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict().items(), tokenizer=tokenizer.path).path
-    prompt = tokenizer.encode("The model was small, 12345 Привет", bos=True)
-    llm = load_llama_cpp(path)
-    try:
-        assert llm.tokenize("The model was small, 12345 Привет".encode(), add_bos=True) == prompt
-        llm.eval(prompt)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-        with torch.no_grad():
-            ours = model(torch.tensor([prompt]))[0]
-        torch.testing.assert_close(theirs, ours, rtol=0, atol=LOGIT_TOLERANCE)
-        greedy = []  # llama.cpp's greedy decoding: the argmax of its logits, fed back
-        for _ in range(8):
-            greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval(greedy[-1:])
-        assert greedy == generate(model, [prompt], max_new_tokens=8, eos_id=None)[0]
-    finally:
-        llm.close()
+    text = "The model was small, 12345 Привет"
+    prompt = tokenizer.encode(text, bos=True)
+    theirs, greedy, their_prompt = llama_cpp_run(path, prompt, new_tokens=8, text=text)
+    assert their_prompt == prompt
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=LOGIT_TOLERANCE)
+    assert greedy == generate(model, [prompt], max_new_tokens=8, eos_id=None)[0]
 
 
 # Largest logit difference from ours, relative to the largest logit (about 6 here); measured 0.2%, 1.3%, 3.9%
@@ -373,12 +382,7 @@ def test_llama_cpp_runs_reduced_precision_files(tmp_path, tokenizer, dtype):
     path = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict().items(), tokenizer=tokenizer.path,
                       dtype=dtype).path
     prompt = tokenizer.encode("The model was small", bos=True)
-    llm = load_llama_cpp(path)
-    try:
-        llm.eval(prompt)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-    finally:
-        llm.close()
+    theirs = llama_cpp_run(path, prompt)[0]
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0]
     assert (theirs - ours).abs().max() <= REDUCED_TOLERANCE[dtype] * ours.abs().max()
@@ -395,12 +399,7 @@ def test_llama_cpp_tied_embeddings_and_llama3_rope(tmp_path, tokenizer):
     config = model.config.replace(tie_word_embeddings=True, rope_scaling=scaling)
     path = write_gguf(tmp_path / "m.gguf", config, state, tokenizer=tokenizer.path).path
     prompt = tokenizer.encode("It was a long day of the year, one two three", bos=True)
-    llm = load_llama_cpp(path)
-    try:
-        llm.eval(prompt)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-    finally:
-        llm.close()
+    theirs = llama_cpp_run(path, prompt)[0]
 
     def reference(rope: dict) -> torch.Tensor:  # transformers' LlamaForCausalLM, tied, with this rope
         hf = {k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "torch_dtype")}
