@@ -317,18 +317,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, need_h: bool, need_w: bool):
+    def forward(ctx, h, weight, targets, chunk_size: int, need_h: bool, need_w: bool, rows, row_weight, need_r: bool):
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = None
+        grad_w = grad_r = None
         if need_w:  # the first chunk writes it (no zero fill), unless there are no rows at all
             make = torch.empty if h.shape[0] else torch.zeros
             grad_w = make(weight.shape, dtype=torch.float32, device=weight.device)
+        if need_r:
+            grad_r = torch.zeros(row_weight.shape, dtype=torch.float32, device=row_weight.device)
+        if rows is not None:  # what the gradient of h takes from row_weight instead of weight's own rows
+            row_change = row_weight.to(weight.dtype) - weight.index_select(0, rows)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         softmax_grad_ = (ops_for(h) or _TorchOps).softmax_grad_
-        key, rows = (weight.shape[0], h.device), min(chunk_size, h.shape[0])
+        key, n_rows = (weight.shape[0], h.device), min(chunk_size, h.shape[0])
         buffer = _logits_buffers.pop(key, None)  # taken while in use: a concurrent call makes its own
-        if buffer is None or buffer.shape[0] < rows:  # one buffer for all chunks
-            buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=h.device)
+        if buffer is None or buffer.shape[0] < n_rows:  # one buffer for all chunks
+            buffer = torch.empty((n_rows, weight.shape[0]), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
             n = hc.shape[0]
@@ -337,15 +341,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hc, weight.t(), out=logits)
             else:
                 logits.copy_(hc @ weight.t())
+            if rows is not None:  # (n, k): the logits of the replaced rows
+                logits.index_copy_(1, rows, (hc @ row_weight.to(hc.dtype).t()).float())
             loss += softmax_grad_(logits, tc)
             g = logits if h.dtype == torch.float32 else logits.to(h.dtype)
+            g_rows = g.index_select(1, rows) if rows is not None else None  # (n, k)
             if need_h:
                 torch.mm(g, weight, out=grad_h[start:start + n])
+                if rows is not None:
+                    grad_h[start:start + n].addmm_(g_rows, row_change)
             if need_w and start == 0:
                 torch.mm(logits.t(), hc.float(), out=grad_w)
             elif need_w:
                 grad_w.addmm_(logits.t(), hc.float())
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+            if need_r:
+                grad_r.addmm_(g_rows.float().t(), hc.float())
+        if need_w and rows is not None:
+            grad_w.index_fill_(0, rows, 0.0)  # those rows of weight did not take part
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_r is None else grad_r.to(row_weight.dtype))
         if h.device.type == "cpu":  # kept for the next step: a fresh CPU buffer costs its page faults every time
             _logits_buffers[key] = buffer
         return loss
@@ -355,26 +369,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the fused linear + cross-entropy can be backpropagated once (retain_graph is not "
                                "supported): its gradients were computed in the forward pass and are consumed")
-        grad_h, grad_w = ctx.grads
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
-        return (None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)),
-                None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None, None, None)
+        return grads[0], grads[1], None, None, None, None, None, grads[2], None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 512) -> torch.Tensor:
-    """sum over rows of cross_entropy(h @ weight.T, targets); h (N, dim), targets (N,) all valid."""
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512,
+                         rows: torch.Tensor | None = None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over rows of cross_entropy(h @ weight.T, targets); h (N, dim), targets (N,) all valid.
+
+    rows, row_weight: the vocabulary rows `rows` (k,) of weight replaced by row_weight (k, dim), as PEFT's trainable
+    token rows replace them, without a merged copy of weight: the gradient goes to row_weight, and to weight's
+    other rows only if weight requires one."""
     need_h = torch.is_grad_enabled() and h.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    if _mode(h) == "reference":
-        return linear_cross_entropy_reference(h, weight, targets)
-    if need_h or need_w:
-        return _LinearCrossEntropy.apply(h, weight, targets, chunk_size, need_h, need_w)
-    loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, h.shape[0], chunk_size):
-        logits = (h[start:start + chunk_size] @ weight.t()).float()
-        loss += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
-    return loss
+    need_r = rows is not None and torch.is_grad_enabled() and row_weight.requires_grad
+    if _mode(h) == "reference" or not (need_h or need_w or need_r):
+        if rows is not None:
+            weight = weight.index_copy(0, rows, row_weight.to(weight.dtype))
+        if _mode(h) == "reference":
+            return linear_cross_entropy_reference(h, weight, targets)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            logits = (h[start:start + chunk_size] @ weight.t()).float()
+            loss += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+        return loss
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_size, need_h, need_w, rows, row_weight, need_r)
 
 
 # --- a linear layer for a handful of rows (decoding) ---

@@ -164,6 +164,19 @@ class LMHead(Linear):
         return kernels.linear_cross_entropy(h, self.weight, targets, self.chunk_size)
 
 
+def _token_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(frozen weight, row indices, trained rows) of a layer wrapped by PEFT's trainable tokens, for computing the
+    rows apart from the frozen matrix; None in every other case (PEFT's own forward then merges the matrix)."""
+    adapter = getattr(module, "token_adapter", None)
+    if adapter is None or adapter.disable_adapters or adapter.merged or len(adapter.active_adapters) != 1:
+        return None
+    name = adapter.active_adapters[0]
+    weight, trained = adapter.base_layer.weight, adapter.trainable_tokens_delta[name]
+    if weight.requires_grad or hasattr(weight, "ds_id") or hasattr(trained, "ds_id"):
+        return None
+    return weight, torch.tensor(adapter.token_indices[name], device=weight.device), trained
+
+
 class Transformer(nn.Module):
     # With tie_word_embeddings the head is the embedding matrix; PEFT reads this (as transformers spells it) to
     # keep trainable token rows tied.
@@ -212,7 +225,7 @@ class Transformer(nn.Module):
             packed = False
         else:
             packed = cache is None
-        h = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        h = self._embed(input_ids)  # (B, T, dim)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype,
                                   self.config.rope_scaling)
         impl = None
@@ -237,15 +250,31 @@ class Transformer(nn.Module):
         targets = labels[:, 1:].reshape(-1)
         keep = targets != IGNORE_INDEX
         rows = h[:, :-1].reshape(-1, h.shape[-1])[keep]
+        token_rows = _token_rows(self.lm_head)
         if isinstance(self.lm_head, LMHead):
             loss = self.lm_head(rows, targets[keep])
-        else:  # wrapped by PEFT (trainable token rows): its forward knows no targets, its weight is the merged one
+        elif token_rows is not None:  # PEFT's trainable token rows, without merging them into a copy of the head
+            weight, index, trained = token_rows
+            loss = kernels.linear_cross_entropy(rows, weight, targets[keep], LMHead.chunk_size, index, trained)
+        else:  # wrapped by PEFT otherwise: its forward knows no targets, its weight is the merged one
             loss = kernels.linear_cross_entropy(rows, self.lm_head.weight, targets[keep], LMHead.chunk_size)
         if reduction == "sum":
             return loss
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         return loss / keep.sum().clamp(min=1)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        token_rows = _token_rows(self.model.embed_tokens)
+        if token_rows is None:
+            return self.model.embed_tokens(input_ids)
+        weight, index, trained = token_rows  # PEFT's trainable token rows: no merged copy of the whole matrix
+        slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slot[index] = torch.arange(index.numel(), device=weight.device)
+        slot = slot[input_ids]  # (B, T): the token's trained row, or -1
+        h = F.embedding(input_ids, weight)
+        # F.embedding, not trained[slot]: indexing's backward adds with atomics on CPU, in no fixed order
+        return torch.where((slot >= 0)[..., None], F.embedding(slot.clamp(min=0), trained).to(h.dtype), h)
 
     def tie_weights(self) -> None:
         """With tie_word_embeddings, make the head the embedding's parameter (again: `to_empty` unties them)."""

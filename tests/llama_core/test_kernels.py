@@ -112,6 +112,25 @@ def test_linear_cross_entropy(chunk_size, need_h, need_w):
         assert torch.equal(again, ref) and again.grad_fn.name() == ref.grad_fn.name()
 
 
+@pytest.mark.parametrize("need_w", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_linear_cross_entropy_with_replaced_rows(chunk_size, need_w):
+    """rows/row_weight (PEFT's trainable token rows): the loss and gradients of the merged matrix, the gradient of
+    the replaced rows going to row_weight, a target among them and one not."""
+    h, weight = rand(11, 16, requires_grad=True), rand(50, 16, seed=1, requires_grad=need_w)
+    rows, row_weight = torch.tensor([7, 2, 49]), rand(3, 16, seed=3, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(2))
+    targets[:2] = torch.tensor([2, 49])
+    loss = kernels.linear_cross_entropy(h, weight, targets, chunk_size, rows, row_weight)
+    ref = kernels.linear_cross_entropy_reference(h, weight.index_copy(0, rows, row_weight), targets)
+    torch.testing.assert_close(loss, ref, **TOL)
+    wrt = [h, row_weight] + ([weight] if need_w else [])
+    assert_all_close(torch.autograd.grad(1.5 * loss, wrt), torch.autograd.grad(1.5 * ref, wrt))
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, weight, targets, chunk_size, rows, row_weight),
+                                   ref, **TOL)
+
+
 def test_linear_cross_entropy_keeps_one_buffer_across_sizes():
     """The CPU logits buffer outlives the call (no page faults each step): any later size still computes right."""
     weight = rand(50, 16, seed=1)
