@@ -77,21 +77,35 @@ def read_prompts(path: str) -> list[tuple[dict, str]]:
 
 
 class TextStream:
-    """Decode generated tokens incrementally: `push` returns the new text, holding back incomplete characters."""
+    """Decode generated tokens incrementally: `push` returns the new text, holding back incomplete characters.
+
+    Each push decodes only a window that starts at the last token released before the previous push (a token's
+    text can depend on its neighbour: the leading space of "▁world", the bytes of one character), so an answer of
+    n tokens costs O(n) decoding, not O(n^2). The window only moves past text that was released whole.
+    """
 
     def __init__(self, tokenizer, strip_leading: bool = True):
-        self.tokenizer, self.tokens, self.shown, self.strip = tokenizer, [], "", strip_leading
+        self.tokenizer, self.tokens, self.strip = tokenizer, [], strip_leading
+        self.prefix = self.read = 0  # window start; tokens before `read` have had their text released
+        self.started = not strip_leading  # released something other than leading whitespace
 
     def text(self) -> str:
+        """The whole text so far (decoded from all the tokens)."""
         text = self.tokenizer.decode(self.tokens, continuation=True)
         return text.lstrip() if self.strip else text
 
     def push(self, tokens: list[int], final: bool = False) -> str:
         self.tokens += tokens
-        text = self.text()
-        if not final:
-            text = text.rstrip("\ufffd")  # a multi-byte character still missing bytes
-        new, self.shown = text[len(self.shown):], max(self.shown, text, key=len)
+        decode = lambda ids: self.tokenizer.decode(ids, continuation=True)  # noqa: E731
+        released = decode(self.tokens[self.prefix:self.read])
+        text = decode(self.tokens[self.prefix:])
+        if len(text) <= len(released) or (not final and text.endswith("\ufffd")):
+            return ""  # nothing new, or a multi-byte character still missing bytes
+        new = text[len(released):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        if not self.started:
+            new = new.lstrip()
+            self.started = bool(new)
         return new
 
 

@@ -447,3 +447,20 @@ def test_batching_policy():
     for j in batcher.pending:
         j.cancelled = True
     assert batcher._take() == [] and batcher.pending == []
+
+
+def test_text_decoder_decodes_a_window_not_the_whole_answer(tokenizer):
+    """Streaming n tokens decodes O(n) tokens in all (it decoded the whole answer at each token: O(n^2))."""
+    text = " one two three four five six seven eight nine ten " * 20
+    ids = tokenizer.encode(text, continuation=True)
+    decoded = []
+
+    class Counting:
+        def decode(self, ids, continuation=False):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, continuation=continuation)
+
+    decoder = TextStream(Counting(), strip_leading=True)
+    pieces = [decoder.push([i]) for i in ids] + [decoder.push([], final=True)]
+    assert "".join(pieces) == tokenizer.decode(ids, continuation=True).lstrip() == decoder.text()
+    assert len(ids) > 200 and sum(decoded) < 6 * len(ids) + 20, (len(ids), sum(decoded))
