@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,21 +48,28 @@ class Curves:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The JSON objects of a metrics.jsonl with an integer "step"; blank, torn (a crash mid-write) and other
-    unreadable lines are skipped."""
-    records = []
+    unreadable lines are skipped (load_curves says how many)."""
+    return _read_metrics(path)[0]
+
+
+def _read_metrics(path: str | Path) -> tuple[list[dict], int]:
+    records, unreadable = [], 0
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
+                    unreadable += bool(line.strip())
                     continue
                 if isinstance(record, dict) and isinstance(record.get("step"), int) \
                         and not isinstance(record["step"], bool):
                     records.append(record)
+                else:
+                    unreadable += 1
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return records
+    return records, unreadable
 
 
 def load_curves(run_dir: str | Path, label: str | None = None) -> Curves:
@@ -75,7 +83,10 @@ def load_curves(run_dir: str | Path, label: str | None = None) -> Curves:
     if not source.is_file():
         raise UserError(f"{run_dir}: has no metrics.jsonl; give a run's output folder")
     curves = Curves(label or run_name(folder), source)
-    for record in read_metrics(source):
+    records, unreadable = _read_metrics(source)
+    if unreadable:  # a run killed mid-write leaves its last line torn; more than that deserves a look
+        print(f"note: {source}: {unreadable} unreadable line{'s' * (unreadable > 1)} skipped", file=sys.stderr)
+    for record in records:
         for key in _KEYS:
             value = record.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -1,5 +1,5 @@
-"""Recipes: one YAML file describes a whole run. Schema, loading, command-line overrides and validation (the rules
-that span several keys are in recipe_checks.py).
+"""Recipes: one YAML file describes a whole run. Schema, loading and validation (recipe_parse.py reads the YAML
+into the schema: overrides, types, ranges, paths).
 
 Every section is a dataclass; a field's type says what the YAML value may be (Literal for choices) and its
 metadata may carry a range (`ge`, `gt`, `le`, `lt`) and a `path` kind ("file", "dir", "file_or_dir") that must
@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
 
+from llama_core.config import PRESETS, LlamaConfig, get_config
+from llama_core.files import OutputError, check_writable_folder
+
+from .ds_config import check_deepspeed_file
 from .errors import UserError
-from .hub import is_hub_id
-from .inputs import parse_yaml_value, read_yaml_file
+from .inputs import read_yaml_file
+from .recipe_parse import Problems, apply_override, build_section, show_value
+from .chat_templates import chat_template_of
+from .templates import BUILTINS, load_template
+from .trackers import check_trackers
 
 
 def _f(default=dataclasses.MISSING, *, factory=None, **meta):
@@ -203,13 +206,13 @@ def load_recipe(path: str, overrides: list[str] = (), *, check_paths: bool = Tru
         raise RecipeError(f"{path}:1: a recipe must be a mapping of sections, got {type(raw).__name__}")
     problems = Problems(path, lines)
     for item in overrides:
-        _apply_override(raw, item, lines, problems)
+        apply_override(raw, item, lines, problems)
     problems.messages.extend(f"{path}:{line}: {message}" for line, message in lines.pop("__duplicates__", []))
-    recipe = _build(Recipe, raw, "", problems, check_paths)
+    recipe = build_section(Recipe, raw, "", problems, check_paths)
     recipe.source = path
-    from .recipe_checks import check_recipe  # the rules that span keys (they read the schema's tables)
-
-    check_recipe(recipe, problems, check_paths)
+    for check in (_check_model, _check_tokenizer, _check_datasets, _check_training, _check_lora, _check_logging,
+                  _check_eval, _check_distributed, _check_template, _check_output):
+        check(recipe, problems, check_paths)
     if problems.messages:
         n = len(problems.messages)
         raise RecipeError(f"{path}: {n} problem{'s' * (n > 1)}:\n" + "\n".join(f"  {m}" for m in problems.messages))
@@ -226,251 +229,163 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
 
 
-# --- problems, located ----------------------------------------------------------------------------------------
+# --- rules that span several keys, by section -----------------------------------------------------------------
 
-class Problems:
-    """The problems found in a recipe, each message starting with its key's place (`file:line: key`, or
-    `command line: key` for an override). Keys with a problem are remembered, so that rules spanning several keys
-    do not report follow-on errors (`ok`)."""
-
-    def __init__(self, path: str, lines: dict[str, Any]):
-        self.path, self.lines = path, lines
-        self.messages: list[str] = []
-        self.failed: set[str] = set()
-
-    def add(self, key: str, message: str) -> None:
-        self.failed.add(key)
-        self.messages.append(f"{self.locate(key)}: {message}")
-
-    def ok(self, *keys: str) -> bool:
-        return not any(k in self.failed for k in keys)
-
-    def locate(self, key: str) -> str:
-        probe = key
-        while probe and probe not in self.lines:
-            probe = probe.rpartition(".")[0] if "[" not in probe.rpartition(".")[2] else probe.rpartition("[")[0]
-        line = self.lines.get(probe)
-        if line == "override":
-            return f"command line: {key}"
-        return f"{self.path}:{line}: {key}" if line else f"{self.path}: {key}"
-
-    def trial(self) -> "Problems":
-        """A scratch collector with the same locations: for trying one option of a union."""
-        return Problems(self.path, self.lines)
+def _check_model(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    m = r.model
+    if (m.preset is None) == (m.checkpoint is None) and problems.ok("model.preset", "model.checkpoint"):
+        problems.add("model", "give exactly one of model.preset and model.checkpoint")
+    if m.preset is not None and m.preset not in PRESETS:
+        close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.add("model.preset", f"unknown preset {m.preset!r}; {hint}valid: {', '.join(PRESETS)}")
+    valid_config = {f.name for f in dataclasses.fields(LlamaConfig)}
+    for name in m.config or {}:
+        if name not in valid_config:
+            problems.add(f"model.config.{name}", f"not a model config field; valid: {', '.join(sorted(valid_config))}")
+    if m.preset in PRESETS and m.config and set(m.config) <= valid_config and problems.ok("model.config"):
+        try:  # the values, checked by the config itself
+            get_config(m.preset, **m.config)
+        except (ValueError, TypeError) as e:
+            problems.add("model.config", str(e))
 
 
-def _apply_override(raw: dict, item: str, lines: dict, problems: Problems) -> None:
-    """`training.lr=2e-5`, `datasets[0].path=x.jsonl`: the value is parsed as YAML, so types follow the same rules
-    as in the file."""
-    key, sep, value = item.partition("=")
-    parts = key.split(".")
-    steps = [re.fullmatch(r"([^\[\]]+)(?:\[(\d+)\])?", part) for part in parts]
-    if not sep or not all(steps):
-        problems.messages.append(f"command line: {item!r}: overrides look like section.key=value (list items: "
-                                 f"datasets[0].path=value)")
-        return
-    try:
-        parsed = parse_yaml_value(value, "value") if value.strip() else None
-    except UserError as e:
-        reason = str(e).removeprefix("value").lstrip(":0123456789 ")
-        hint = f"; quote a string that YAML cannot read: {key}='\"...\"'" if reason.startswith("not valid") else ""
-        problems.messages.append(f"command line: {item!r}: {reason}{hint}")
-        return
-    node: Any = raw
-    for depth, step in enumerate(steps):
-        name, index = step.group(1), step.group(2)
-        where = ".".join(parts[:depth] + [name])
-        last = depth == len(steps) - 1
-        if index is not None:
-            items = node.get(name)
-            if not isinstance(items, list) or int(index) >= len(items):
-                count = f"{len(items)} items" if isinstance(items, list) else "no list"
-                problems.messages.append(f"command line: {item!r}: {where} has {count}; only existing items can be "
-                                         f"overridden")
-                return
-            node, name = items, int(index)
-        if last:
-            node[name] = parsed
-        else:
-            if isinstance(node, dict) and node.get(name) is None:  # a new or empty section
-                node[name] = {}
-            if not isinstance(node[name], dict):
-                problems.messages.append(f"command line: {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
-                return
-            node = node[name]
-    # The recipe's lines inside the replaced value are gone with it: problems in the new value are the command
-    # line's (a bad `datasets=[...]` is not blamed on the recipe's own datasets lines).
-    for stale in [k for k in lines if k.startswith((key + ".", key + "["))]:
-        del lines[stale]
-    for depth in range(len(parts)):  # a problem found on the key or a new parent is the command line's
-        lines.setdefault(".".join(parts[:depth + 1]), "override")
-    lines[key] = "override"
+def _check_tokenizer(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    m = r.model
+    if r.tokenizer.path is None and m.checkpoint is not None and check_paths and os.path.isdir(m.checkpoint):
+        if not any(os.path.isfile(os.path.join(m.checkpoint, f)) for f in ("tokenizer.model", "tokenizer.json")):
+            problems.add("tokenizer", f"no tokenizer.path given and {m.checkpoint} has no tokenizer (tokenizer.model "
+                                      f"or tokenizer.json)")
+    if r.tokenizer.path is None and m.checkpoint is None and problems.ok("tokenizer.path", "model.checkpoint"):
+        problems.add("tokenizer.path", "a preset model needs tokenizer.path")
 
 
-# --- schema-driven validation ---------------------------------------------------------------------------------
-
-def _build(cls, raw, key: str, problems: Problems, check_paths: bool):
-    raw = {} if raw is None else raw  # an empty section (`eval:`) takes the defaults
-    if not isinstance(raw, dict):
-        problems.add(key, f"expected a mapping of keys, got {_show(raw)}")
-        return cls() if _all_defaults(cls) else None
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        sub = f"{key}.{name}" if key else str(name)
-        if name not in fields:
-            problems.add(sub, f"unknown key{_unknown_key_hint(str(name), key, fields)}")
+def _check_datasets(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    if not r.datasets and problems.ok("datasets"):
+        problems.add("datasets", "at least one dataset is needed")
+    all_datasets = [(f"datasets[{i}]", d) for i, d in enumerate(r.datasets or [])]
+    all_datasets += [(f"data.validation[{i}]", d) for i, d in enumerate(r.data.validation or [])]
+    for key, d in all_datasets:
+        if d is None or not isinstance(d.path, str):
             continue
-        values[name] = _convert(hints[name], value, sub, problems, check_paths, fields[name].metadata)
-    for name, f in fields.items():
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.add(key, f"missing required key {(key + '.' if key else '') + name!r}")
-            values[name] = None
-    return cls(**values)
+        if check_paths and looks_like_local_path(d.path) and not os.path.exists(os.path.expanduser(d.path)):
+            problems.add(f"{key}.path", f"file not found: {d.path!r} (relative paths are from the current "
+                                        f"directory, {os.getcwd()}; a Hugging Face Hub id looks like owner/name)")
+        fields = DATASET_FIELDS.get(d.format, ())
+        for ours, theirs in (d.columns or {}).items():
+            if ours not in fields:
+                problems.add(f"{key}.columns.{ours}", f"not a field of the {d.format!r} format; valid: "
+                                                      f"{', '.join(fields)} (columns map our field name to the "
+                                                      f"dataset's column)")
+            elif not isinstance(theirs, str) or not theirs:
+                problems.add(f"{key}.columns.{ours}", f"expected a column name, got {show_value(theirs)}")
 
 
-# What other tools call our keys (Hugging Face TrainingArguments, axolotl, LLaMA-Factory, torchtune), answered
-# wherever they appear in a recipe: `training.learning_rate: unknown key; this recipe calls it 'training.lr'`.
-FOREIGN_KEYS = {
-    "learning_rate": "training.lr", "lr_scheduler_type": "training.schedule", "lr_scheduler": "training.schedule",
-    "num_train_epochs": "training.epochs", "num_epochs": "training.epochs",
-    "per_device_train_batch_size": "training.micro_batch_size", "batch_size": "training.micro_batch_size",
-    "train_batch_size": "training.micro_batch_size", "gradient_checkpointing": "training.activation_checkpointing",
-    "enable_activation_checkpointing": "training.activation_checkpointing", "max_grad_norm": "training.grad_clip",
-    "clip_grad_norm": "training.grad_clip", "adam_beta1": "training.betas", "adam_beta2": "training.betas",
-    "adam_epsilon": "training.eps", "bf16": "training.precision", "fp16": "training.precision",
-    "dtype": "training.precision", "torch_dtype": "training.precision", "warmup_steps_ratio": "training.warmup_ratio",
-    "num_warmup_steps": "training.warmup_steps", "optimizer": "training (AdamW is the optimizer: lr, betas, eps, "
-                                                             "weight_decay)",
-    "finetuning_type": "training.method", "adapter": "training.method", "load_in_4bit": "training.quantize",
-    "quantization_bit": "training.quantize", "seed": "training.seed",
-    "sequence_len": "data.max_seq_len", "cutoff_len": "data.max_seq_len", "max_seq_length": "data.max_seq_len",
-    "max_length": "data.max_seq_len", "sample_packing": "data.packing", "val_set_size": "data.val_fraction",
-    "val_size": "data.val_fraction", "dataset": "datasets", "data_files": "datasets[].path",
-    "lora_r": "lora.r", "lora_rank": "lora.r", "rank": "lora.r", "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules", "lora_target": "lora.target_modules",
-    "lora_target_linear": "lora.target_modules: all-linear", "use_dora": "lora.dora",
-    "base_model": "model.checkpoint", "model_name_or_path": "model.checkpoint",
-    "pretrained_model_name_or_path": "model.checkpoint", "tokenizer_name": "tokenizer.path",
-    "tokenizer_type": "tokenizer.path", "chat_template": "template", "prompt_template": "template",
-    "save_steps": "checkpoint.every_steps", "save_total_limit": "checkpoint.keep_last",
-    "resume_from_checkpoint": "checkpoint.resume", "logging_steps": "logging.every_steps",
-    "log_every_n_steps": "logging.every_steps", "eval_steps": "eval.every_steps",
-    "deepspeed": "distributed.config_file", "zero_stage": "distributed.zero_stage",
-    "output": "output_dir", "save_dir": "output_dir",
-}
+def _check_training(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    t = r.training
+    if problems.ok("training.betas") and t.betas is not None and (len(t.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1
+                                                              for b in t.betas)):
+        problems.add("training.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
+    if t.warmup_steps and t.warmup_ratio:
+        problems.add("training.warmup_ratio", "give warmup_steps or warmup_ratio, not both")
+    if t.quantize and t.method != "lora":
+        problems.add("training.quantize", "4-bit quantization (QLoRA) needs training.method: lora")
+    if t.compile and r.distributed.backend == "deepspeed":
+        problems.add("training.compile", "not supported under DeepSpeed (its ZeRO hooks on every module break "
+                                         "torch.compile's graphs); the fused kernels (training.kernels: auto) apply "
+                                         "there")
 
 
-def _unknown_key_hint(name: str, section: str, fields) -> str:
-    """What to write instead of an unknown key: ours, when another tool's name is used; a close spelling; or the
-    valid keys of the section."""
-    ours = FOREIGN_KEYS.get(name)
-    if ours is not None:
-        return f"; this recipe calls it {ours!r} (see README: recipes from other tools)"
-    close = difflib.get_close_matches(name, list(fields), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+def _check_lora(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    tokens = r.lora.train_tokens
+    if isinstance(tokens, list):
+        if r.training.method == "lora" and r.distributed.backend == "deepspeed":
+            problems.add("lora.train_tokens", "not supported under DeepSpeed (PEFT's trainable token rows are not "
+                                              "partitioned by ZeRO); use auto (off there) or none")
+        for i, token in enumerate(tokens):
+            if isinstance(token, int) and token < 0:
+                problems.add(f"lora.train_tokens[{i}]", f"a token id must be >= 0, got {token}")
+    targets = r.lora.target_modules
+    if not isinstance(targets, list):
+        return
+    for i, name in enumerate(targets):
+        if isinstance(name, str) and name not in LORA_TARGETS:
+            reason = (" (the output head is not adaptable: its loss is computed in fused chunks)"
+                      if name == "lm_head" else "")
+            close = difflib.get_close_matches(name, LORA_TARGETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close and not reason else ""
+            problems.add(f"lora.target_modules[{i}]", f"{name!r} is not a LoRA target{reason}{hint}; valid: "
+                                                      f"{', '.join(LORA_TARGETS)} or all-linear")
+    if not targets:
+        problems.add("lora.target_modules", "empty list")
 
 
-def _all_defaults(cls) -> bool:
-    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-               for f in dataclasses.fields(cls))
-
-
-def _show(value) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
-
-
-def _convert(tp, value, key: str, problems: Problems, check_paths: bool, meta):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:  # the first option that converts without problems wins
-            trial = problems.trial()
-            result = _convert(option, value, key, trial, check_paths, meta)
-            if not trial.messages:
-                return result
-        if len(options) == 1:
-            problems.messages.extend(trial.messages)
-            problems.failed |= trial.failed
-        else:
-            problems.add(key, f"expected {' or '.join(_describe(o) for o in options)}, got {_show(value)}")
-        return None
-    if origin is Literal:
-        if value in args and type(value) is type(args[args.index(value)]):
-            return value
-        same_text = [a for a in args if str(a) == str(value)]
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = (f" (write {same_text[0]!r} without quotes: not a string)"
-                if same_text else f" (did you mean {close[0]!r}?)" if close else "")
-        problems.add(key, f"{value!r} is not one of {', '.join(map(repr, args))}{hint}")
-        return None
-    if origin is list:
-        if not isinstance(value, list):
-            problems.add(key, f"expected a list, got {_show(value)}")
-            return []
-        return [_convert(args[0], v, f"{key}[{i}]", problems, check_paths, meta) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, problems, check_paths)
-    if tp is dict:
-        if not isinstance(value, dict):
-            problems.add(key, f"expected a mapping, got {_show(value)}")
-            return {}
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.add(key, f"expected true or false, got {_show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.add(key, f"expected an integer, got {_show(value)}")
-            return None
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.add(key, f"expected a number, got {_show(value)}")
-            return None
-        if not math.isfinite(value):
-            problems.add(key, f"expected a finite number, got {value!r}")
-            return None
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            problems.add(key, f"expected a string, got {_show(value)}")
-            return None
-    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        if bound in meta and not ok(value, meta[bound]):
-            problems.add(key, f"must be {word} {meta[bound]}, got {value!r}")
-    kind = meta.get("path")
-    if kind and isinstance(value, str):
-        value = os.path.expanduser(value)
-    if kind and check_paths and isinstance(value, str):
-        exists = {"file": os.path.isfile, "dir": os.path.isdir, "file_or_dir": os.path.exists,
-                  "model": lambda v: os.path.isdir(v) or is_hub_id(v)}[kind](value)
-        if not exists:
-            what = {"file": "file", "dir": "folder", "file_or_dir": "file or folder",
-                    "model": "folder"}[kind]
-            hub_hint = "; a Hugging Face Hub id looks like owner/name" if kind == "model" else ""
-            problems.add(key, f"{what} not found: {value!r} (relative paths are from the current directory, "
-                              f"{os.getcwd()}{hub_hint})")
-    return value
-
-
-def _describe(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(map(repr, typing.get_args(tp)))
-    if typing.get_origin(tp) is list:
-        return "a list"
-    return getattr(tp, "__name__", str(tp))
+def _check_logging(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    if isinstance(r.logging.report_to, list) and problems.ok("logging.report_to"):
+        for problem in check_trackers(report_to(r)):
+            problems.add("logging.report_to", problem.removeprefix("logging.report_to: "))
 
 
 def report_to(r: Recipe) -> list[str]:
     """The trackers a run writes to: logging.report_to, without tensorboard if logging.tensorboard is false."""
     return [t for t in dict.fromkeys(r.logging.report_to or []) if t != "tensorboard" or r.logging.tensorboard]
+
+
+def _check_eval(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    has_validation = (r.data.val_fraction or 0) > 0 or bool(r.data.validation)
+    for name in ("every_steps", "exact_match", "generate_prompts"):
+        if getattr(r.eval, name) and not has_validation:
+            problems.add(f"eval.{name}", "needs validation data (data.val_fraction or data.validation)")
+
+
+def _check_distributed(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    d = r.distributed
+    if d.config_file and check_paths and not problems.messages:  # needs an otherwise valid recipe
+        for p in check_deepspeed_file(r):
+            problems.add("distributed.config_file", p)
+    if d.offload_params and d.zero_stage != 3:
+        problems.add("distributed.offload_params", "parameter offload needs zero_stage: 3")
+
+
+def _check_template(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    if not isinstance(r.template, str) or not check_paths:
+        return
+    if r.template == "model":  # the checkpoint's own chat template
+        folder = r.model.checkpoint or r.tokenizer.path
+        if folder and os.path.isfile(folder):
+            folder = os.path.dirname(folder) or "."
+        if folder and os.path.isdir(folder):
+            try:
+                found = chat_template_of(folder)
+            except UserError as e:
+                found, problems_text = None, str(e)
+            else:
+                problems_text = f"{os.path.join(folder, 'tokenizer_config.json')} has no chat_template"
+            if found is None:
+                problems.add("template", f"model: {problems_text}; choose a built-in template "
+                                         f"({', '.join(BUILTINS)}) or a template file")
+        return
+    if r.template not in BUILTINS and not os.path.isfile(r.template):
+        problems.add("template", f"{r.template!r} is neither a built-in template ({', '.join(BUILTINS)}), 'model' "
+                                 f"(the checkpoint's own chat template) nor a template file")
+        return
+    try:
+        load_template(r.template)
+    except UserError as e:
+        problems.add("template", str(e))
+
+
+def _check_output(r: Recipe, problems: Problems, check_paths: bool) -> None:
+    """output_dir and data.cache_dir can be written (not a file, not below one, not in /proc or on a read-only
+    file system); whether output_dir may be used (a run folder, or overwrite) is `finetune.outputs`' rule."""
+    if isinstance(r.output_dir, str) and os.path.exists(r.output_dir) and not os.path.isdir(r.output_dir):
+        problems.add("output_dir", f"{r.output_dir!r} is a file; output_dir must be a folder")
+        return
+    if not check_paths:
+        return
+    for key, folder in (("output_dir", r.output_dir), ("data.cache_dir", r.data.cache_dir if r.data else None)):
+        if isinstance(folder, str) and problems.ok(key):
+            try:
+                check_writable_folder(os.path.expanduser(folder))
+            except OutputError as e:
+                problems.add(key, str(e))

@@ -64,8 +64,9 @@ def test_read_metrics_skips_blank_and_torn_lines(tmp_path):
     assert records[-2] == {"step": 60, "train_loss": None, "lr": 6e-4, "grad_norm": None}
 
 
-def test_curves_place_evaluations_by_tokens_and_drop_nulls(tmp_path):
+def test_curves_place_evaluations_by_tokens_and_drop_nulls(tmp_path, capsys):
     curves = load_curves(write_run(tmp_path / "run"))
+    assert capsys.readouterr().err == f"note: {tmp_path / 'run' / 'metrics.jsonl'}: 1 unreadable line skipped\n"
     x, y = curves.points("train_loss", by_tokens=True)
     assert x == [step * 1000 for step in range(10, 101, 10)]
     assert y[5:7] == pytest.approx([4.0 / 60, 4.0 / 70])  # a later null or NaN for a step does not erase it
