@@ -226,7 +226,7 @@ def export(input_dir: str | os.PathLike, output: str | os.PathLike, *, format: s
                     save_meta(sd, cfg, folder, num_shards=shards, dtype=dtype, extra_files=extra)
             else:
                 convert(input_dir, folder, to=format, num_shards=shards, dtype=dtype, max_shard_size=max_shard_size,
-                        extra_files=extra)
+                        extra_files=extra, config=cfg)
         return Path(output)
     except (CheckpointError, ValueError) as e:
         raise UserError(str(e)) from None

@@ -558,16 +558,18 @@ def save_meta(source: nn.Module | Mapping[str, torch.Tensor], config: LlamaConfi
 
 def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, to: str, num_shards: int = 1,
             dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
-            extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+            extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
+            config: LlamaConfig | None = None) -> Path:
     """Rewrite a checkpoint (either layout) as `to` ("hf" or "meta"), copying tokenizer.model along (and
     `extra_files`, as in `save_hf`). The output may be the input folder itself: it is replaced when complete.
+    `config`: the input's, when the caller has read it already (else read here).
 
     The tensors are held once in memory (in the stored dtype; memory-mapped where the input allows).
     """
     if to not in ("hf", "meta"):
         raise ValueError(f"to must be 'hf' or 'meta', got {to!r}")
     input_dir = Path(input_dir)
-    config = load_config(input_dir)
+    config = config or load_config(input_dir)
     sd = dict(iter_checkpoint_tensors(input_dir, config=config))
     extra = {"tokenizer.model": input_dir / "tokenizer.model"} if (input_dir / "tokenizer.model").is_file() else {}
     extra.update(extra_files or {})
