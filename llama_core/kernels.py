@@ -341,8 +341,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hc, weight.t(), out=logits)
             else:
                 logits.copy_(hc @ weight.t())
-            if rows is not None:  # (n, k): the logits of the replaced rows
-                logits.index_copy_(1, rows, (hc @ row_weight.to(hc.dtype).t()).float())
+            if rows is not None:  # (n, k): the logits of the replaced rows, not autocast (as `out=` products are not)
+                with torch.autocast(h.device.type, enabled=False):
+                    logits.index_copy_(1, rows, torch.mm(hc, row_weight.to(hc.dtype).t()).float())
             loss += softmax_grad_(logits, tc)
             g = logits if h.dtype == torch.float32 else logits.to(h.dtype)
             g_rows = g.index_select(1, rows) if rows is not None else None  # (n, k)

@@ -172,9 +172,21 @@ def _token_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         return None
     name = adapter.active_adapters[0]
     weight, trained = adapter.base_layer.weight, adapter.trainable_tokens_delta[name]
-    if weight.requires_grad or hasattr(weight, "ds_id") or hasattr(trained, "ds_id"):
-        return None
-    return weight, torch.tensor(adapter.token_indices[name], device=weight.device), trained
+    indices = adapter.token_indices[name]
+    if (weight.requires_grad or hasattr(weight, "ds_id") or hasattr(trained, "ds_id")
+            or len(set(indices)) < len(indices)):
+        return None  # a trained base, ZeRO-3 partitions, or a repeated row (PEFT's index_copy sums their gradients)
+    return weight, torch.tensor(indices, device=weight.device), trained
+
+
+def _hooks_allow_fast_path(module: nn.Module) -> bool:
+    """No hook that could change what the layer is called with: pre-hooks (PEFT's mixed-adapter batches), global
+    hooks, hooks on PEFT's inner layer. The wrapper's own forward hooks (PEFT's make_inputs_require_grad,
+    NEFTune's noise) are run by `_embed` on its output."""
+    glob = nn.modules.module
+    inner = module.token_adapter
+    return not (module._forward_pre_hooks or inner._forward_pre_hooks or inner._forward_hooks
+                or getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None))
 
 
 class Transformer(nn.Module):
@@ -265,16 +277,22 @@ class Transformer(nn.Module):
         return loss / keep.sum().clamp(min=1)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        token_rows = _token_rows(self.model.embed_tokens)
-        if token_rows is None:
-            return self.model.embed_tokens(input_ids)
+        embed = self.model.embed_tokens
+        token_rows = _token_rows(embed)
+        if token_rows is None or not _hooks_allow_fast_path(embed):
+            return embed(input_ids)
         weight, index, trained = token_rows  # PEFT's trainable token rows: no merged copy of the whole matrix
         slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
         slot[index] = torch.arange(index.numel(), device=weight.device)
         slot = slot[input_ids]  # (B, T): the token's trained row, or -1
         h = F.embedding(input_ids, weight)
         # F.embedding, not trained[slot]: indexing's backward adds with atomics on CPU, in no fixed order
-        return torch.where((slot >= 0)[..., None], F.embedding(slot.clamp(min=0), trained).to(h.dtype), h)
+        h = torch.where((slot >= 0)[..., None], F.embedding(slot.clamp(min=0), trained).to(h.dtype), h)
+        for key, hook in embed._forward_hooks.items():  # as calling the module would (nn.Module._call_impl)
+            with_kwargs = key in embed._forward_hooks_with_kwargs
+            out = hook(embed, (input_ids,), {}, h) if with_kwargs else hook(embed, (input_ids,), h)
+            h = h if out is None else out
+        return h
 
     def tie_weights(self) -> None:
         """With tie_word_embeddings, make the head the embedding's parameter (again: `to_empty` unties them)."""

@@ -294,3 +294,36 @@ def loss_and_grads_of(model, ids):
     loss = model(input_ids=ids, labels=ids)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_trainable_token_rows_keep_peft_s_forward_where_it_matters(tiny_model):
+    """Pre-hooks and global hooks on the embedding take PEFT's own path (PEFT's mixed-adapter batches pass their
+    adapter names so); the wrapper's forward hooks (NEFTune's noise, PEFT's make_inputs_require_grad) run on the
+    fast path's output; repeated rows take PEFT's path."""
+    from llama_core import model as model_module
+
+    def wrapped(rows):
+        model = get_peft_model(tiny_model().train(), lora_config(r=4, target_modules=TARGETS,
+                                                                 trainable_token_indices={"embed_tokens": rows}))
+        return model.base_model.model
+
+    core = wrapped([1, 2])
+    embed, ids = core.model.embed_tokens, torch.tensor([[1, 4, 2, 3]])
+    fast = model_module._hooks_allow_fast_path
+    assert model_module._token_rows(embed) is not None and fast(embed)
+    handle = embed.register_forward_pre_hook(lambda module, args: None)
+    assert not fast(embed)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert not fast(embed)
+    finally:
+        handle.remove()
+    handle = embed.register_forward_hook(lambda module, args, out: out + 1.0)  # as NEFTune adds its noise
+    try:
+        assert fast(embed)
+        torch.testing.assert_close(core._embed(ids), embed(ids))
+        assert torch.equal(core._embed(ids), embed.token_adapter(ids) + 1.0)
+    finally:
+        handle.remove()
+    assert model_module._token_rows(wrapped([5, 2, 5]).model.embed_tokens) is None

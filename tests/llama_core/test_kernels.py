@@ -131,6 +131,18 @@ def test_linear_cross_entropy_with_replaced_rows(chunk_size, need_w):
                                    ref, **TOL)
 
 
+def test_linear_cross_entropy_replaced_rows_under_autocast():
+    """fp32 h and weight under CPU bf16 autocast: the replaced rows' logits in fp32 too, as the `out=` product of the
+    others is (autocast does not apply there), so the loss is the merged matrix's."""
+    h, weight = rand(11, 16, requires_grad=True), rand(50, 16, seed=1)
+    rows, row_weight = torch.tensor([7, 2, 49]), rand(3, 16, seed=3, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kernels.linear_cross_entropy(h, weight, targets, 4, rows, row_weight)
+        merged = kernels.linear_cross_entropy(h, weight.index_copy(0, rows, row_weight.detach()), targets, 4)
+    torch.testing.assert_close(loss, merged)
+
+
 def test_linear_cross_entropy_keeps_one_buffer_across_sizes():
     """The CPU logits buffer outlives the call (no page faults each step): any later size still computes right."""
     weight = rand(50, 16, seed=1)
