@@ -96,9 +96,8 @@ class TextStream:
 
     def push(self, tokens: list[int], final: bool = False) -> str:
         self.tokens += tokens
-        decode = lambda ids: self.tokenizer.decode(ids, continuation=True)  # noqa: E731
-        released = decode(self.tokens[self.prefix:self.read])
-        text = decode(self.tokens[self.prefix:])
+        released = self.tokenizer.decode(self.tokens[self.prefix:self.read], continuation=True)
+        text = self.tokenizer.decode(self.tokens[self.prefix:], continuation=True)
         if len(text) <= len(released) or (not final and text.endswith("\ufffd")):
             return ""  # nothing new, or a multi-byte character still missing bytes
         new = text[len(released):]

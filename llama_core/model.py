@@ -262,10 +262,9 @@ class Transformer(nn.Module):
         targets = labels[:, 1:].reshape(-1)
         keep = targets != IGNORE_INDEX
         rows = h[:, :-1].reshape(-1, h.shape[-1])[keep]
-        token_rows = _token_rows(self.lm_head)
         if isinstance(self.lm_head, LMHead):
             loss = self.lm_head(rows, targets[keep])
-        elif token_rows is not None:  # PEFT's trainable token rows, without merging them into a copy of the head
+        elif (token_rows := _token_rows(self.lm_head)) is not None:  # PEFT's trainable token rows, unmerged
             weight, index, trained = token_rows
             loss = kernels.linear_cross_entropy(rows, weight, targets[keep], LMHead.chunk_size, index, trained)
         else:  # wrapped by PEFT otherwise: its forward knows no targets, its weight is the merged one
